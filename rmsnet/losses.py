@@ -208,7 +208,9 @@ def _alpha_tensor(
     if vec.numel() == 1:
         return _alpha_tensor(float(vec.item()), num_classes, like)
     if vec.numel() != num_classes:
-        raise ValueError(f"focal_loss: per-class alpha has {vec.numel()} entries but there are {num_classes} classes")
+        raise ValueError(
+            f"focal_loss: per-class alpha has {vec.numel()} entries but there are {num_classes} classes"
+        )
     return vec
 
 
@@ -404,7 +406,8 @@ def make_hint_adapters(student_channels: Sequence[int], teacher_channels: Sequen
     """
     if len(student_channels) != len(teacher_channels):
         raise ValueError(
-            f"make_hint_adapters: {len(student_channels)} student levels but {len(teacher_channels)} teacher levels"
+            f"make_hint_adapters: {len(student_channels)} student levels but "
+            f"{len(teacher_channels)} teacher levels"
         )
     adapters = nn.ModuleList()
     for c_s, c_t in zip(student_channels, teacher_channels):

@@ -1,0 +1,106 @@
+"""NVIDIA DALI input pipeline over the project's WebDataset shards.
+
+read (webdataset reader, per-rank shard, DALI index) -> decode (GPU: "mixed"; CPU-only mode:
+"cpu") -> augment (train only) -> float CHW in [0, 1]. Each batch is a dict:
+
+    image  (b, 1, s, s) float32 in [0, 1]    label  (b, C) float32    sid  (b,) int64
+
+Why these choices (DESIGN.md §4, "Library behaviour that bites"):
+* `device_id=None` is DALI's CPU-only mode; then every op must be a CPU op, so the device of each
+  op is chosen here from one flag rather than hard-coded.
+* `pad_last_batch=True` with `reader_name` on the iterator and `LastBatchPolicy.FILL` gives every
+  rank the same number of iterations (that of the largest shard): unequal counts hang ZeRO's
+  collectives. The padding repeats the shard's last sample; evaluation drops the repeats by `sid`.
+* The reader is given each shard's index so it does not scan every tar at start-up.
+* Labels and ids are read as raw uint8 / int64 members, no decoding (see `shard_format.py`).
+* `random_shuffle` only mixes inside a buffer of `initial_fill` samples; the shard builder shuffled
+  globally, and the reader rotates shards across ranks every epoch, so the mix is good.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from data_pipeline.loader_common import AugmentSpec, split_shards
+
+
+@dataclass
+class DaliLoader:
+    """Iterable of batches; `len()` is the per-rank number of iterations in one epoch."""
+    iterator: object
+    batches_per_epoch: int
+
+    def __iter__(self):
+        for out in self.iterator:
+            b = out[0]
+            yield {"image": b["image"], "label": b["label"].float(), "sid": b["sid"].view(-1)}
+        self.iterator.reset()
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+
+def build_dali_loader(shard_dir, split: str, *, batch_size: int, image_size: int, train: bool,
+                      rank: int = 0, world_size: int = 1, device_id: int | None = None,
+                      num_threads: int = 1, seed: int = 0, augment: AugmentSpec | None = None,
+                      prefetch: int = 2) -> DaliLoader:
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+    manifest, tars, idxs = split_shards(shard_dir, split)
+    ext, classes = manifest["image"]["ext"], len(manifest["label_names"])
+    stored = manifest["image"]["size"]
+    aug = augment if (train and augment is not None) else AugmentSpec.none()
+    gpu = device_id is not None
+
+    @pipeline_def(enable_conditionals=False)
+    def pipe():
+        raw, label, sid = fn.readers.webdataset(
+            paths=tars, index_paths=idxs, ext=[ext, "lbl", "sid"],
+            dtypes=[types.UINT8, types.UINT8, types.INT64], missing_component_behavior="error",
+            shard_id=rank, num_shards=world_size, random_shuffle=train, initial_fill=1024,
+            pad_last_batch=True, seed=seed, name="reader")
+        if ext == "raw":
+            img = fn.reshape(raw, shape=[stored, stored, 1], layout="HWC")
+            img = img.gpu() if gpu else img
+        else:
+            img = fn.decoders.image(raw, device="mixed" if gpu else "cpu", output_type=types.GRAY)
+        if aug.crop_scale[0] < 1.0:
+            img = fn.random_resized_crop(img, size=[image_size, image_size],
+                                         random_area=list(aug.crop_scale), random_aspect_ratio=[0.9, 1.1],
+                                         antialias=True)
+        elif image_size != stored:
+            img = fn.resize(img, size=[image_size, image_size], antialias=True)
+        if aug.rotate_degrees > 0:
+            angle = fn.random.uniform(range=[-aug.rotate_degrees, aug.rotate_degrees])
+            img = fn.rotate(img, angle=angle, keep_size=True, fill_value=0)
+        if aug.brightness > 0 or aug.contrast > 0:
+            img = fn.brightness_contrast(
+                img, brightness=fn.random.uniform(range=[1 - aug.brightness, 1 + aug.brightness]),
+                contrast=fn.random.uniform(range=[1 - aug.contrast, 1 + aug.contrast]))
+        mirror = fn.random.coin_flip(probability=aug.hflip) if aug.hflip > 0 else 0
+        img = fn.crop_mirror_normalize(img, dtype=types.FLOAT, output_layout="CHW",
+                                       mean=[0.0], std=[255.0], mirror=mirror)
+        return img, (label.gpu() if gpu else label), sid
+
+    p = pipe(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
+             seed=seed + 7919 * rank, prefetch_queue_depth=prefetch, exec_dynamic=True)
+    p.build()
+    it = DALIGenericIterator([p], ["image", "label", "sid"], reader_name="reader",
+                             last_batch_policy=LastBatchPolicy.FILL, auto_reset=False)
+    return DaliLoader(it, len(it))
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+        import nvidia.dali.plugin.pytorch  # noqa: F401
+        return True
+    except Exception:  # ImportError, or a CUDA library mismatch on import
+        return False
+
+
+def default_device_id(local_rank: int) -> int | None:
+    """The GPU of this rank, or None (DALI's CPU-only mode) when there is none."""
+    return local_rank if torch.cuda.is_available() else None

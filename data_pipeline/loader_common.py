@@ -1,0 +1,55 @@
+"""What the DALI loader and the torch fallback share: the manifest, shard lists, augmentation spec."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    """Training-time augmentation, the same semantics in both loaders.
+
+    crop_scale: area range of the random resized crop ((1, 1) = no crop); hflip: probability of a
+    horizontal flip (0 for chest X-rays by default: the heart's side is anatomy, not noise);
+    rotate_degrees: uniform rotation range; brightness / contrast: +- relative jitter.
+    """
+    crop_scale: tuple[float, float] = (0.8, 1.0)
+    hflip: float = 0.0
+    rotate_degrees: float = 5.0
+    brightness: float = 0.1
+    contrast: float = 0.1
+
+    @staticmethod
+    def none() -> "AugmentSpec":
+        return AugmentSpec((1.0, 1.0), 0.0, 0.0, 0.0, 0.0)
+
+
+def read_manifest(shard_dir) -> dict:
+    path = Path(shard_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no shard manifest (build shards with "
+                                f"`python -m data_pipeline.build_shards`)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: corrupt manifest ({e})") from None
+
+
+def split_shards(shard_dir, split: str):
+    """(manifest, tar paths, DALI index paths) of one split, checked to exist."""
+    manifest = read_manifest(shard_dir)
+    if split not in manifest["splits"]:
+        raise ValueError(f"{shard_dir}: manifest has no split {split!r} "
+                         f"(has {sorted(manifest['splits'])})")
+    shards = manifest["splits"][split]["shards"]
+    if not shards:
+        raise ValueError(f"{shard_dir}: split {split!r} has no samples")
+    tars = [str(Path(shard_dir) / s["name"]) for s in shards]
+    idxs = [str(Path(shard_dir) / s["index"]) for s in shards]
+    for f in tars + idxs:
+        if not Path(f).is_file():
+            raise FileNotFoundError(f"{f}: shard listed in the manifest is missing")
+    return manifest, tars, idxs

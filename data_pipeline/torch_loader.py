@@ -1,0 +1,105 @@
+"""Plain PyTorch fallback loader over the same shards, for machines without DALI.
+
+It reads samples by random access through the DALI index files (offset and size of every member),
+so it can partition a split across ranks exactly as DALI does (rank r of k gets the contiguous range
+[N*r//k, N*(r+1)//k) of the split, rotating by one shard per epoch) and pad the last batch the same
+way (repeating the rank's last sample), giving every rank the same number of iterations. Batches have
+the same keys, dtypes and value range as `dali_loader`.
+"""
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2 as T
+
+from data_pipeline.loader_common import AugmentSpec, split_shards
+
+
+def read_index(tar: str, idx: str):
+    """[(tar, {ext: (offset, size)})] per sample, from a DALI v1.2 index."""
+    lines = Path(idx).read_text().splitlines()
+    out = []
+    for line in lines[1:]:
+        f = line.split()
+        out.append((tar, {f[i]: (int(f[i + 1]), int(f[i + 2])) for i in range(0, len(f), 4)}))
+    return out
+
+
+class ShardSamples(Dataset):
+    def __init__(self, shard_dir, split: str, image_size: int, augment: AugmentSpec | None):
+        manifest, tars, idxs = split_shards(shard_dir, split)
+        self.ext, self.stored = manifest["image"]["ext"], manifest["image"]["size"]
+        self.samples = [s for t, i in zip(tars, idxs) for s in read_index(t, i)]
+        self.image_size = image_size
+        aug = augment or AugmentSpec.none()
+        ops = []
+        if aug.crop_scale[0] < 1.0:
+            ops.append(T.RandomResizedCrop(image_size, scale=aug.crop_scale, ratio=(0.9, 1.1)))
+        elif image_size != self.stored:
+            ops.append(T.Resize((image_size, image_size)))
+        if aug.rotate_degrees > 0:
+            ops.append(T.RandomRotation(aug.rotate_degrees))
+        if aug.brightness > 0 or aug.contrast > 0:
+            ops.append(T.ColorJitter(brightness=aug.brightness, contrast=aug.contrast))
+        if aug.hflip > 0:
+            ops.append(T.RandomHorizontalFlip(aug.hflip))
+        self.transform = T.Compose(ops) if ops else None
+
+    def __len__(self):
+        return len(self.samples)
+
+    def _member(self, tar, where) -> bytes:
+        with open(tar, "rb") as f:
+            f.seek(where[0])
+            return f.read(where[1])
+
+    def __getitem__(self, i):
+        tar, members = self.samples[i]
+        raw = self._member(tar, members[self.ext])
+        if self.ext == "raw":
+            img = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(1, self.stored, self.stored)
+        else:
+            img = torch.from_numpy(np.array(Image.open(io.BytesIO(raw)).convert("L"))).unsqueeze(0)
+        if self.transform is not None:
+            img = self.transform(img)
+        label = torch.frombuffer(bytearray(self._member(tar, members["lbl"])), dtype=torch.uint8)
+        sid = int(np.frombuffer(self._member(tar, members["sid"]), dtype="<i8")[0])
+        return {"image": img.float() / 255.0, "label": label.float(), "sid": torch.tensor(sid)}
+
+
+class RankSampler(torch.utils.data.Sampler):
+    """DALI's sharding and FILL padding: contiguous ranges, shard rotating each epoch."""
+
+    def __init__(self, n: int, rank: int, world_size: int, batch_size: int, shuffle: bool, seed: int):
+        self.n, self.rank, self.world, self.bs = n, rank, world_size, batch_size
+        self.shuffle, self.seed, self.epoch = shuffle, seed, 0
+        largest = max(n * (r + 1) // world_size - n * r // world_size for r in range(world_size))
+        self.batches = math.ceil(largest / batch_size)
+
+    def __iter__(self):
+        shard = (self.rank + self.epoch) % self.world
+        idx = list(range(self.n * shard // self.world, self.n * (shard + 1) // self.world))
+        if self.shuffle:
+            g = np.random.default_rng([self.seed, self.epoch, self.rank])
+            idx = [idx[i] for i in g.permutation(len(idx))]
+        idx += [idx[-1]] * (self.batches * self.bs - len(idx))
+        self.epoch += 1
+        return iter(idx)
+
+    def __len__(self):
+        return self.batches * self.bs
+
+
+def build_torch_loader(shard_dir, split: str, *, batch_size: int, image_size: int, train: bool,
+                       rank: int = 0, world_size: int = 1, num_workers: int = 0, seed: int = 0,
+                       augment: AugmentSpec | None = None) -> DataLoader:
+    ds = ShardSamples(shard_dir, split, image_size, augment if train else None)
+    sampler = RankSampler(len(ds), rank, world_size, batch_size, shuffle=train, seed=seed)
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      drop_last=False, persistent_workers=num_workers > 0)

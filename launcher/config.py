@@ -1,0 +1,304 @@
+"""Experiment configuration: nested dataclasses, YAML loading, `--set` overrides, DeepSpeed JSON.
+
+One YAML file per experiment (`launcher/configs/*.yaml`) fills `Config`; `--set section.key=value`
+overrides any field (the value is parsed as YAML: `--set train.lr=3e-4`, `--set data.augment.hflip=0.5`).
+Unknown keys and wrong types are errors that name the key. The DeepSpeed JSON is *generated* from
+this config (`deepspeed_config`), so there is one source of truth; both are written into the run
+directory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user's configuration mistake; the message names the key."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    """Run name; the run directory is `out_dir/name` (TensorBoard, checkpoints, resolved config)."""
+    out_dir: str = "runs"
+    """Parent directory of run directories."""
+    seed: int = 0
+    """Seed of model init, data order and augmentation (each rank derives its own stream)."""
+    mode: Literal["distill", "supervised"] = "distill"
+    """`distill`: teacher + mixed objective; `supervised`: task loss only, no teacher (trains the
+    teacher itself, or the student-without-KD baseline)."""
+
+
+@dataclass
+class AugmentConfig:
+    crop_scale: list[float] = field(default_factory=lambda: [0.8, 1.0])
+    """Area range of the random resized crop; [1, 1] disables it."""
+    hflip: float = 0.0
+    """Horizontal flip probability (0 for chest X-rays: the heart's side is anatomy)."""
+    rotate_degrees: float = 5.0
+    brightness: float = 0.1
+    contrast: float = 0.1
+
+    def __post_init__(self):
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ConfigError("data.augment.crop_scale must be [lo, hi] with 0 < lo <= hi <= 1")
+        if not 0 <= self.hflip <= 1:
+            raise ConfigError("data.augment.hflip must be a probability in [0, 1]")
+
+
+@dataclass
+class DataConfig:
+    shards: str = ""
+    """Directory with the shards and manifest.json written by `data_pipeline.build_shards`."""
+    loader: Literal["auto", "dali", "torch"] = "auto"
+    """`dali` (GPU decode on a GPU, CPU-only mode otherwise), `torch` fallback, or `auto`."""
+    image_size: int = 224
+    """Side of the square input the models see."""
+    num_threads: int = 1
+    """Loader threads per rank (DALI's num_threads; they come on top of torch's intra-op threads)."""
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self):
+        if self.image_size < 32:
+            raise ConfigError("data.image_size must be >= 32")
+
+
+@dataclass
+class StudentConfig:
+    name: str = "rmsnet_xxs"
+    """timm model name (after `import rmsnet`: rmsnet_xxs, rmsnet_xs, mobilevit_xxs, or any timm model)."""
+    in_chans: Optional[int] = 1
+    """Input channels the network takes; 1 = grayscale natively; 3 = channel repeated."""
+    feature_indices: Optional[list[int]] = None
+    """Levels tapped for feature distillation (timm `forward_intermediates` indices); None = last three."""
+    drop_rate: float = 0.0
+
+
+@dataclass
+class TeacherConfig:
+    name: str = "resnet18"
+    """timm model name of the teacher."""
+    checkpoint: str = ""
+    """Local weight file (safetensors, torch state dict, or a `model.pt` this project wrote)."""
+    in_chans: Optional[int] = None
+    """None = 3 for a non-RMS-Net model (grayscale is repeated inside the wrapper)."""
+    feature_indices: Optional[list[int]] = None
+    """Teacher levels, paired in order with `student.feature_indices`."""
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    """Inference dtype (DeepSpeed's default is fp16); auto = bf16 on GPU, fp32 on CPU."""
+
+
+@dataclass
+class LossConfig:
+    """L = task_weight*FL + kd_weight*KD + at_weight*AT + sp_weight*SP + hint_weight*HINT."""
+    task_weight: float = 1.0
+    focal_alpha: Optional[float] = 0.25
+    """Focal alpha (None disables class weighting)."""
+    focal_gamma: float = 2.0
+    kd_weight: float = 1.0
+    temperature: float = 4.0
+    at_weight: float = 0.0
+    """Attention transfer weight (the paper's beta: 1000)."""
+    sp_weight: float = 0.0
+    """Similarity-preserving weight (the paper's beta: 3000)."""
+    sp_global_batch: bool = False
+    """Gather features across ranks so SP sees the global batch (costs an all-gather per level)."""
+    hint_weight: float = 0.0
+    """Stage-1 attended hidden-feature regression (needs adapters; trained with the student)."""
+
+    def __post_init__(self):
+        if self.temperature <= 0:
+            raise ConfigError("loss.temperature must be > 0")
+        for k in ("task_weight", "kd_weight", "at_weight", "sp_weight", "hint_weight"):
+            if getattr(self, k) < 0:
+                raise ConfigError(f"loss.{k} must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size_per_gpu: int = 32
+    """Micro-batch per rank (DeepSpeed's train_micro_batch_size_per_gpu)."""
+    gradient_accumulation_steps: int = 1
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    """SGD only."""
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.01
+    """Cosine schedule ends at lr * min_lr_ratio."""
+    grad_clip: float = 1.0
+    """Max global gradient norm (0 disables)."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto = bf16 on a GPU that supports it, fp32 on CPU."""
+    zero_stage: int = 2
+    log_every: int = 10
+    """Optimizer steps between TensorBoard scalar writes (the only steps that call .item())."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0 = run all epochs); for smoke tests."""
+
+    def __post_init__(self):
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        for k in ("epochs", "batch_size_per_gpu", "gradient_accumulation_steps", "log_every"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"train.{k} must be >= 1")
+        if self.lr <= 0:
+            raise ConfigError("train.lr must be > 0")
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        if self.run.mode == "distill" and not self.teacher.checkpoint:
+            raise ConfigError("teacher.checkpoint is required when run.mode is distill")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.out_dir) / self.run.name
+
+
+# ------------------------------------------------------------------------------------ loading
+def _convert(tp, value, key: str):
+    """Check/convert one YAML value to the annotated type, naming `key` on failure."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _build(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown config key(s) {', '.join(where + k for k in unknown)}; "
+                          f"valid keys{' of ' + prefix if prefix else ''}: {', '.join(sorted(names))}")
+    kwargs = {k: _convert(hints[k], v, f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one `a.b.c=value` (value parsed as YAML) to a nested dict."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected key=value")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {p} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path=None, overrides=()) -> Config:
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} not found")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({e})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: top level must be a mapping")
+    for o in overrides:
+        apply_override(data, o)
+    try:
+        return _build(Config, data)
+    except TypeError as e:  # a dataclass refusing its arguments
+        raise ConfigError(str(e)) from None
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# ------------------------------------------------------------------------------- DeepSpeed JSON
+def resolve_precision(precision: str, cuda: bool) -> str:
+    if precision != "auto":
+        return precision
+    import torch
+    return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def deepspeed_config(cfg: Config, world_size: int, total_steps: int, precision: str) -> dict:
+    """The DeepSpeed JSON, derived from `cfg` and the world size (never written by hand)."""
+    t = cfg.train
+    if t.optimizer == "adamw":
+        optimizer = {"type": "AdamW", "params": {"lr": t.lr, "weight_decay": t.weight_decay,
+                                                 "betas": [0.9, 0.999], "eps": 1e-8, "torch_adam": True}}
+    else:
+        optimizer = {"type": "SGD", "params": {"lr": t.lr, "weight_decay": t.weight_decay,
+                                               "momentum": t.momentum, "nesterov": True}}
+    warmup = min(t.warmup_steps, max(total_steps - 1, 0))
+    return {
+        "train_batch_size": t.batch_size_per_gpu * t.gradient_accumulation_steps * world_size,
+        "train_micro_batch_size_per_gpu": t.batch_size_per_gpu,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "optimizer": optimizer,
+        "scheduler": {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": max(total_steps, 1), "warmup_num_steps": warmup,
+            "warmup_min_ratio": 0.0, "cos_min_ratio": t.min_lr_ratio, "warmup_type": "linear"}},
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "initial_scale_power": 12},
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }

@@ -1,0 +1,141 @@
+"""Every question about the process environment, answered in one place.
+
+Supported launches (detected in this order):
+* `deepspeed launcher/distill.py ...` or `torchrun`: RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and
+  MASTER_PORT are set by the launcher (DeepSpeed also appends `--local_rank=N`).
+* `srun` under SLURM, one task per GPU: SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS give the ranks
+  (DeepSpeed itself reads no SLURM_* variable); MASTER_ADDR / MASTER_PORT must be exported by the
+  sbatch script (see `cluster/`).
+* a plain `python launcher/distill.py ...`: one process, world size 1, a local rendezvous.
+
+A half-set environment (say RANK without WORLD_SIZE) is an error, not a guess. Threads: unless the
+user set OMP_NUM_THREADS, each rank gets cores // local ranks intra-op threads (two CPU ranks on a
+two-core machine would otherwise oversubscribe each other badly).
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def detect_env() -> dict[str, int]:
+    """rank / world_size / local_rank / local_world_size from the environment; sets the
+    torch.distributed variables when they are derived (SLURM, single process)."""
+    present = [v for v in RANK_VARS if v in os.environ]
+    if present and len(present) != len(RANK_VARS):
+        missing = [v for v in RANK_VARS if v not in os.environ]
+        raise RuntimeError(f"half-set distributed environment: {present} set but {missing} missing")
+    if not present and "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        for v in ("MASTER_ADDR", "MASTER_PORT"):
+            if v not in os.environ:
+                raise RuntimeError(f"running under srun with SLURM_NTASKS > 1 but {v} is not set; "
+                                   f"export it in the sbatch script (see cluster/distill.sbatch)")
+        os.environ["RANK"] = os.environ["SLURM_PROCID"]
+        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+        os.environ["LOCAL_RANK"] = os.environ["SLURM_LOCALID"]
+        os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1"))
+    elif not present:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    world = int(os.environ["WORLD_SIZE"])
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or _guess_local_world(world)
+    env = {"rank": int(os.environ["RANK"]), "world_size": world,
+           "local_rank": int(os.environ["LOCAL_RANK"]), "local_world_size": local_world}
+    if not 0 <= env["rank"] < world or not 0 <= env["local_rank"] < local_world:
+        raise RuntimeError(f"inconsistent ranks in the environment: {env}")
+    return env
+
+
+def _guess_local_world(world: int) -> int:
+    # torchrun exports LOCAL_WORLD_SIZE; DeepSpeed's launcher exports LOCAL_SIZE instead.
+    if "LOCAL_SIZE" in os.environ:
+        return int(os.environ["LOCAL_SIZE"])
+    return world
+
+
+def set_threads(local_world_size: int) -> int:
+    if "OMP_NUM_THREADS" in os.environ:
+        n = int(os.environ["OMP_NUM_THREADS"])
+    else:
+        n = max(1, (os.cpu_count() or 1) // local_world_size)
+    torch.set_num_threads(n)
+    return n
+
+
+def init_distributed() -> DistEnv:
+    """Detect the launch, pin threads/devices, start the process group (gloo on CPU, nccl on GPU)."""
+    import deepspeed
+
+    e = detect_env()
+    set_threads(e["local_world_size"])
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(e["local_rank"])
+    backend = "nccl" if cuda else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    device = torch.device("cuda", e["local_rank"]) if cuda else torch.device("cpu")
+    return DistEnv(e["rank"], e["world_size"], e["local_rank"], e["local_world_size"], device, backend)
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate a tensor from every rank along dim 0 (sizes may differ between ranks)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return t
+    world = torch.distributed.get_world_size()
+    n = torch.tensor([t.shape[0]], device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    torch.distributed.all_gather(sizes, n)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros((longest, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[: t.shape[0]] = t
+    out = [torch.zeros_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(out, padded)
+    return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)])
+
+
+def shutdown() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def all_gather_with_grad(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate equal-shaped tensors from every rank along dim 0; the gradient flows into the
+    local slice only (the other ranks' slices are constants here; their own ranks backpropagate
+    through them). Used by the similarity-preserving loss over the global batch."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, t.detach().contiguous())
+    parts[torch.distributed.get_rank()] = t
+    return torch.cat(parts)
