@@ -14,7 +14,9 @@ Why these choices (DESIGN.md §4, "Library behaviour that bites"):
 * The reader is given each shard's index so it does not scan every tar at start-up.
 * Labels and ids are read as raw uint8 / int64 members, no decoding (see `shard_format.py`).
 * `random_shuffle` only mixes inside a buffer of `initial_fill` samples; the shard builder shuffled
-  globally, and the reader rotates shards across ranks every epoch, so the mix is good.
+  globally, and the shard a rank reads rotates with `epoch`, so the mix is good.
+* One pipeline per epoch, seeded from (seed, epoch, rank): the data order of epoch e does not depend
+  on how many epochs this process has run, which is what makes resuming exact.
 """
 from __future__ import annotations
 
@@ -44,23 +46,25 @@ class DaliLoader:
 def build_dali_loader(shard_dir, split: str, *, batch_size: int, image_size: int, train: bool,
                       rank: int = 0, world_size: int = 1, device_id: int | None = None,
                       num_threads: int = 1, seed: int = 0, augment: AugmentSpec | None = None,
-                      prefetch: int = 2) -> DaliLoader:
+                      prefetch: int = 2, epoch: int = 0) -> DaliLoader:
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
     manifest, tars, idxs = split_shards(shard_dir, split)
-    ext, classes = manifest["image"]["ext"], len(manifest["label_names"])
+    ext = manifest["image"]["ext"]
     stored = manifest["image"]["size"]
     aug = augment if (train and augment is not None) else AugmentSpec.none()
     gpu = device_id is not None
+    reader_seed = (seed * 1_000_003 + epoch) % (2 ** 31)
 
     @pipeline_def(enable_conditionals=False)
     def pipe():
         raw, label, sid = fn.readers.webdataset(
             paths=tars, index_paths=idxs, ext=[ext, "lbl", "sid"],
             dtypes=[types.UINT8, types.UINT8, types.INT64], missing_component_behavior="error",
-            shard_id=rank, num_shards=world_size, random_shuffle=train, initial_fill=1024,
-            pad_last_batch=True, seed=seed, name="reader")
+            shard_id=(rank + epoch) % world_size, num_shards=world_size, random_shuffle=train,
+            initial_fill=1024, stick_to_shard=True,
+            pad_last_batch=True, seed=reader_seed, name="reader")
         if ext == "raw":
             img = fn.reshape(raw, shape=[stored, stored, 1], layout="HWC")
             img = img.gpu() if gpu else img
@@ -85,7 +89,7 @@ def build_dali_loader(shard_dir, split: str, *, batch_size: int, image_size: int
         return img, (label.gpu() if gpu else label), sid
 
     p = pipe(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
-             seed=seed + 7919 * rank, prefetch_queue_depth=prefetch, exec_dynamic=True)
+             seed=(reader_seed * 7919 + rank) % (2 ** 31), prefetch_queue_depth=prefetch, exec_dynamic=True)
     p.build()
     it = DALIGenericIterator([p], ["image", "label", "sid"], reader_name="reader",
                              last_batch_policy=LastBatchPolicy.FILL, auto_reset=False)

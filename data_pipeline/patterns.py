@@ -76,33 +76,35 @@ def ring(c: Canvas, cy, cx, ry, rx, width, amp, angle=0.0):
 
 
 def stripes(c: Canvas, cy, cx, r, period, amp, angle=0.0):
-    """A round patch of parallel stripes (a texture, invisible after strong downsampling)."""
+    """A round patch of zero-mean parallel stripes: a texture that averages out in a thumbnail."""
     sl, yy, xx = c.box(cy, cx, r)
     u = xx * np.cos(angle) + yy * np.sin(angle)
     env = _soft_mask(np.sqrt(yy ** 2 + xx ** 2) - r, r * 0.3)
-    c.img[sl] += amp * env * (0.5 + 0.5 * np.cos(2 * np.pi * u / period))
+    c.img[sl] += amp * env * np.cos(2 * np.pi * u / period)
 
 
 def speckle(c: Canvas, cy, cx, r, density, amp, dot=1.0):
-    """A round patch of random bright dots (infiltrate-like)."""
+    """A round patch of random bright and dark dots (infiltrate-like), zero mean on average."""
     sl, yy, xx = c.box(cy, cx, r)
     env = _soft_mask(np.sqrt(yy ** 2 + xx ** 2) - r, r * 0.3)
-    dots = (c.rng.random(env.shape) < density).astype(np.float32)
+    u = c.rng.random(env.shape)
+    dots = (u < density / 2).astype(np.float32) - (u > 1 - density / 2).astype(np.float32)
     if dot > 1.0:  # widen the dots a little at high resolution
         k = int(dot)
-        dots = np.maximum(dots, np.roll(dots, k, 0))
-        dots = np.maximum(dots, np.roll(dots, k, 1))
+        dots = dots + np.roll(dots, k, 0)
+        dots = dots + np.roll(dots, k, 1)
     c.img[sl] += amp * env * dots
 
 
 def grid_lines(c: Canvas, cy, cx, r, period, amp, width=1.0, angle=0.0):
-    """A round patch of crossing lines (a reticular net, fibrosis-like)."""
+    """A round patch of crossing lines (a reticular net, fibrosis-like), made zero-mean."""
     sl, yy, xx = c.box(cy, cx, r)
     ca, sa = np.cos(angle), np.sin(angle)
     u, v = xx * ca + yy * sa, -xx * sa + yy * ca
     du = np.abs(((u / period) + 0.5) % 1.0 - 0.5) * period
     dv = np.abs(((v / period) + 0.5) % 1.0 - 0.5) * period
     net = np.maximum(_soft_mask(du - width / 2, 1.0), _soft_mask(dv - width / 2, 1.0))
+    net -= net.mean()
     env = _soft_mask(np.sqrt(yy ** 2 + xx ** 2) - r, r * 0.3)
     c.img[sl] += amp * env * net
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data_pipeline.labels import CXR14_FINDINGS, FETAL_PLANES
+from data_pipeline.labels import CXR14_FINDINGS
 from data_pipeline.synthetic_draw import draw_cxr, draw_us
 
 # Real ChestX-ray14 prevalence rank order, compressed: (finding, probability per image).

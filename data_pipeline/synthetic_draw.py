@@ -32,18 +32,17 @@ def draw_cxr(findings, size: int, rng: np.random.Generator) -> np.ndarray:
     """A frontal chest X-ray stand-in of shape (size, size), uint8, with the given findings."""
     S = float(size)
     c = Canvas(size, size, rng)
-    dy, dx, k = _u(rng, -0.04, 0.04) * S, _u(rng, -0.04, 0.04) * S, _u(rng, 0.93, 1.07)
-    emphysema = "Emphysema" in findings
-    lung_r = (0.29 * S * k * (1.12 if emphysema else 1.0), 0.135 * S * k)
+    dy, dx, k = _u(rng, -0.07, 0.07) * S, _u(rng, -0.07, 0.07) * S, _u(rng, 0.88, 1.12)
+    lung_r = (0.29 * S * k, 0.135 * S * k)
     lungs = [(0.47 * S + dy, 0.30 * S + dx), (0.47 * S + dy, 0.70 * S + dx)]
 
     c.img += 0.12
     blob(c, 0.55 * S + dy, 0.5 * S + dx, 0.46 * S * k, 0.42 * S * k, 0.40, edge=0.04 * S)  # body
     for cy, cx in lungs:
-        blob(c, cy, cx, *lung_r, -0.26 - (_u(rng, 0.08, 0.14) if emphysema else 0.0), edge=0.02 * S)
+        blob(c, cy, cx, *lung_r, -0.26, edge=0.02 * S)
         stripes(c, cy, cx, 0.3 * S * k, 0.085 * S, 0.05, angle=_u(rng, 1.45, 1.7))  # ribs
     blob(c, 0.5 * S + dy, 0.5 * S + dx, 0.45 * S, 0.035 * S, 0.15, edge=0.01 * S)  # spine
-    heart_rx = (_u(rng, 0.16, 0.2) if "Cardiomegaly" in findings else _u(rng, 0.10, 0.13)) * S * k
+    heart_rx = (_u(rng, 0.15, 0.19) if "Cardiomegaly" in findings else _u(rng, 0.09, 0.15)) * S * k
     blob(c, 0.62 * S + dy, 0.47 * S + dx, 0.11 * S * k, heart_rx, 0.18, edge=0.02 * S)
     c.img += 0.06 * smooth_noise(size, size, rng)
 
@@ -58,7 +57,7 @@ def draw_cxr(findings, size: int, rng: np.random.Generator) -> np.ndarray:
         elif f == "Effusion":
             base = lungs[int(rng.integers(2))]
             blob(c, base[0] + lung_r[0] * _u(rng, 0.55, 0.8), base[1], _u(rng, 0.04, 0.08) * S,
-                 lung_r[1] * 1.05, _u(rng, 0.15, 0.3), edge=0.02 * S)
+                 lung_r[1] * 1.05, _u(rng, 0.08, 0.2), edge=0.02 * S)
         elif f == "Infiltration":
             speckle(c, cy, cx, _u(rng, 0.08, 0.12) * S, 0.22, _u(rng, 0.18, 0.32), dot=S / 64)
         elif f == "Mass":
@@ -78,18 +77,26 @@ def draw_cxr(findings, size: int, rng: np.random.Generator) -> np.ndarray:
             top = lungs[int(rng.integers(2))]
             side = np.sign(top[1] - 0.5 * S - dx)
             py, px = top[0] - lung_r[0] * _u(rng, 0.2, 0.6), top[1] + side * lung_r[1] * 0.45
-            blob(c, py, px, 0.09 * S, 0.05 * S, -0.12, edge=0.01 * S)
+            blob(c, py, px, 0.09 * S, 0.05 * S, -0.05, edge=0.01 * S)
             line(c, py - 0.09 * S, px - side * 0.05 * S, py + 0.09 * S, px - side * 0.05 * S,
-                 0.012 * S, _u(rng, 0.2, 0.35))
+                 0.01 * S, _u(rng, 0.2, 0.3))
         elif f == "Consolidation":
             r = _u(rng, 0.06, 0.09) * S
             blob(c, cy, cx, r, r, _u(rng, 0.2, 0.32), edge=0.015 * S)
             stripes(c, cy, cx, r * 0.8, 0.045 * S, -0.15, _u(rng, 0, np.pi))
-        elif f == "Edema":
-            off, hy = _u(rng, 0.09, 0.13) * S, 0.48 * S + dy + _u(rng, -0.05, 0.05) * S
-            for sgn in (-1, 1):
-                blob(c, hy, 0.5 * S + dx + sgn * off, 0.09 * S, 0.06 * S, _u(rng, 0.1, 0.18),
-                     edge=0.05 * S)
+        elif f == "Edema":  # Kerley B lines: short horizontal lines at both lateral bases
+            for ly, lx in lungs:
+                side = np.sign(lx - 0.5 * S - dx)
+                x_edge = lx + side * lung_r[1] * 0.9
+                for j in range(int(rng.integers(3, 6))):
+                    y = ly + lung_r[0] * _u(rng, 0.1, 0.6)
+                    line(c, y, x_edge - side * 0.07 * S, y, x_edge, 0.012 * S, _u(rng, 0.15, 0.25))
+        elif f == "Emphysema":  # bullae: thin-walled dark air spaces scattered in the lungs
+            for _ in range(int(rng.integers(3, 7))):
+                by, bx, _ = in_lung()
+                r = _u(rng, 0.02, 0.035) * S
+                blob(c, by, bx, r, r, -0.12, edge=0.004 * S)
+                ring(c, by, bx, r, r, 0.008 * S, 0.15)
         elif f == "Fibrosis":
             grid_lines(c, cy, cx, _u(rng, 0.08, 0.11) * S, 0.05 * S, _u(rng, 0.15, 0.25),
                        width=0.012 * S, angle=_u(rng, 0, np.pi / 2))
@@ -104,7 +111,7 @@ def draw_cxr(findings, size: int, rng: np.random.Generator) -> np.ndarray:
             blob(c, hy, hx, r, r, -0.18, edge=0.005 * S)
             ring(c, hy, hx, r, r, 0.012 * S, _u(rng, 0.2, 0.3))
             line(c, hy, hx - r * 0.9, hy, hx + r * 0.9, 0.008 * S, 0.25)  # air-fluid level
-        elif f != "Emphysema" and f != "Cardiomegaly":
+        elif f != "Cardiomegaly":
             raise ValueError(f"no synthetic pattern for finding {f!r}")
     return _finish(c, noise=_u(rng, 0.02, 0.04))
 

@@ -76,9 +76,10 @@ class ShardSamples(Dataset):
 class RankSampler(torch.utils.data.Sampler):
     """DALI's sharding and FILL padding: contiguous ranges, shard rotating each epoch."""
 
-    def __init__(self, n: int, rank: int, world_size: int, batch_size: int, shuffle: bool, seed: int):
+    def __init__(self, n: int, rank: int, world_size: int, batch_size: int, shuffle: bool, seed: int,
+                 epoch: int = 0):
         self.n, self.rank, self.world, self.bs = n, rank, world_size, batch_size
-        self.shuffle, self.seed, self.epoch = shuffle, seed, 0
+        self.shuffle, self.seed, self.epoch = shuffle, seed, epoch
         largest = max(n * (r + 1) // world_size - n * r // world_size for r in range(world_size))
         self.batches = math.ceil(largest / batch_size)
 
@@ -98,8 +99,8 @@ class RankSampler(torch.utils.data.Sampler):
 
 def build_torch_loader(shard_dir, split: str, *, batch_size: int, image_size: int, train: bool,
                        rank: int = 0, world_size: int = 1, num_workers: int = 0, seed: int = 0,
-                       augment: AugmentSpec | None = None) -> DataLoader:
+                       augment: AugmentSpec | None = None, epoch: int = 0) -> DataLoader:
     ds = ShardSamples(shard_dir, split, image_size, augment if train else None)
-    sampler = RankSampler(len(ds), rank, world_size, batch_size, shuffle=train, seed=seed)
+    sampler = RankSampler(len(ds), rank, world_size, batch_size, shuffle=train, seed=seed, epoch=epoch)
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       drop_last=False, persistent_workers=num_workers > 0)

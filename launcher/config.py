@@ -124,6 +124,26 @@ class LossConfig:
 
 
 @dataclass
+class StageConfig:
+    """One stage of a multi-stage recipe (e.g. stage-1 `hint` pre-training, then `kd`)."""
+    name: str = "main"
+    """Used in checkpoint tags and TensorBoard (`stage/<name>`)."""
+    epochs: int = 1
+    loss: LossConfig = field(default_factory=LossConfig)
+    """The objective of this stage (all weights explicit: nothing is inherited from `loss`)."""
+    lr: Optional[float] = None
+    """Peak learning rate of this stage (None = train.lr); each stage has its own warmup + cosine."""
+    warmup_steps: Optional[int] = None
+    """None = train.warmup_steps."""
+
+    def __post_init__(self):
+        if self.epochs < 1:
+            raise ConfigError(f"stages[{self.name}].epochs must be >= 1")
+        if not self.name.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(f"stage name {self.name!r} must be alphanumeric (with - or _)")
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 10
     batch_size_per_gpu: int = 32
@@ -145,7 +165,9 @@ class TrainConfig:
     log_every: int = 10
     """Optimizer steps between TensorBoard scalar writes (the only steps that call .item())."""
     max_steps: int = 0
-    """Stop after this many optimizer steps (0 = run all epochs); for smoke tests."""
+    """Stop after this many optimizer steps in total (0 = run all epochs); for smoke tests."""
+    keep_checkpoints: int = 2
+    """Epoch checkpoints kept (newest first); 0 keeps all."""
 
     def __post_init__(self):
         if self.zero_stage not in (0, 1, 2, 3):
@@ -165,10 +187,29 @@ class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    stages: list[StageConfig] = field(default_factory=list)
+    """Optional multi-stage recipe; empty = one stage with `loss` for `train.epochs` epochs."""
 
     def __post_init__(self):
         if self.run.mode == "distill" and not self.teacher.checkpoint:
             raise ConfigError("teacher.checkpoint is required when run.mode is distill")
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"stage names must be unique, got {names}")
+
+    def resolved_stages(self) -> list[StageConfig]:
+        """The stages to run, with lr/warmup filled in; supervised mode keeps the task loss only."""
+        stages = self.stages or [StageConfig("main", self.train.epochs, self.loss)]
+        out = []
+        for s in stages:
+            loss = s.loss
+            if self.run.mode == "supervised":
+                loss = dataclasses.replace(loss, kd_weight=0.0, at_weight=0.0, sp_weight=0.0,
+                                           hint_weight=0.0)
+            out.append(dataclasses.replace(
+                s, loss=loss, lr=self.train.lr if s.lr is None else s.lr,
+                warmup_steps=self.train.warmup_steps if s.warmup_steps is None else s.warmup_steps))
+        return out
 
     @property
     def run_dir(self) -> Path:
@@ -277,16 +318,20 @@ def resolve_precision(precision: str, cuda: bool) -> str:
     return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
 
 
-def deepspeed_config(cfg: Config, world_size: int, total_steps: int, precision: str) -> dict:
-    """The DeepSpeed JSON, derived from `cfg` and the world size (never written by hand)."""
+def deepspeed_config(cfg: Config, world_size: int, total_steps: int, precision: str,
+                     stage: Optional[StageConfig] = None) -> dict:
+    """The DeepSpeed JSON of one stage, derived from `cfg` and the world size (never hand-written)."""
     t = cfg.train
+    stage = stage or cfg.resolved_stages()[0]
+    lr = stage.lr if stage.lr is not None else t.lr
     if t.optimizer == "adamw":
-        optimizer = {"type": "AdamW", "params": {"lr": t.lr, "weight_decay": t.weight_decay,
+        optimizer = {"type": "AdamW", "params": {"lr": lr, "weight_decay": t.weight_decay,
                                                  "betas": [0.9, 0.999], "eps": 1e-8, "torch_adam": True}}
     else:
-        optimizer = {"type": "SGD", "params": {"lr": t.lr, "weight_decay": t.weight_decay,
+        optimizer = {"type": "SGD", "params": {"lr": lr, "weight_decay": t.weight_decay,
                                                "momentum": t.momentum, "nesterov": True}}
-    warmup = min(t.warmup_steps, max(total_steps - 1, 0))
+    warmup_steps = stage.warmup_steps if stage.warmup_steps is not None else t.warmup_steps
+    warmup = min(warmup_steps, max(total_steps - 1, 0))
     return {
         "train_batch_size": t.batch_size_per_gpu * t.gradient_accumulation_steps * world_size,
         "train_micro_batch_size_per_gpu": t.batch_size_per_gpu,

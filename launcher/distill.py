@@ -13,10 +13,8 @@ config -> distributed init -> data -> teacher and student -> deepspeed.initializ
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,10 +23,12 @@ from data_pipeline.loader import build_loader
 from data_pipeline.loader_common import AugmentSpec, read_manifest
 from launcher.config import ConfigError, deepspeed_config, dump_yaml, load_config, resolve_precision
 from launcher.dist import all_gather_with_grad, barrier, init_distributed, shutdown
-from launcher.engine import export_student, predict, save_checkpoint, train_step
+from launcher import checkpoints as ckpt
+from launcher.checkpoints import Position, export_student, load_student, resume_position
+from launcher.engine import predict, run_epoch
 from launcher.monitor import Monitor, NullMonitor, Progress
 from rmsnet.metrics import classification_summary, format_auroc_table
-from rmsnet.objective import TERMS, DistillTask
+from rmsnet.objective import DistillTask
 from rmsnet.teachers import create_tapped_model, create_teacher
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -39,6 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--config", required=True, help="experiment YAML (launcher/configs/*.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.lr=3e-4 (repeatable)")
+    p.add_argument("--resume", default="none",
+                   help="none | auto (newest complete checkpoint of the run, if any) | a checkpoint tag")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed adds it
     return p.parse_args(argv)
 
@@ -51,42 +53,45 @@ def check_inputs(cfg) -> dict:
     return manifest
 
 
-def make_loaders(cfg, env, seed: int):
-    d = cfg.data
+def make_loaders(cfg, env):
+    """A train-loader factory (one loader per epoch: see data_pipeline.loader) and eval loaders."""
+    d, seed = cfg.data, cfg.run.seed
     common = dict(backend=d.loader, batch_size=cfg.train.batch_size_per_gpu, image_size=d.image_size,
                   rank=env.rank, world_size=env.world_size, num_threads=d.num_threads,
                   device_id=env.local_rank if env.device.type == "cuda" else None)
     a = d.augment
     augment = AugmentSpec(tuple(a.crop_scale), a.hflip, a.rotate_degrees, a.brightness, a.contrast)
-    train = build_loader(d.shards, d.train_split, train=True, seed=seed, augment=augment, **common)
+    def train_for(epoch: int):
+        return build_loader(d.shards, d.train_split, train=True, seed=seed, augment=augment,
+                            epoch=epoch, **common)
     evals = {s: build_loader(d.shards, s, train=False, seed=seed, **common)
              for s in (d.val_split, d.test_split)}
-    return train, evals
+    return train_for, evals
 
 
-def build_models(cfg, env, manifest):
-    classes = len(manifest["label_names"])
-    student = create_tapped_model(cfg.student.name, classes, in_chans=cfg.student.in_chans,
+def build_teacher(cfg, env, classes: int):
+    """Frozen teacher in DeepSpeed's inference engine, with an explicit dtype (its default is fp16)."""
+    if cfg.run.mode != "distill":
+        return None, None
+    import deepspeed
+    t = create_teacher(cfg.teacher.name, classes, checkpoint=cfg.teacher.checkpoint,
+                       in_chans=cfg.teacher.in_chans, feature_indices=cfg.teacher.feature_indices)
+    dtype = DTYPES[resolve_precision(cfg.teacher.dtype, env.device.type == "cuda")]
+    teacher = deepspeed.init_inference(t, dtype=dtype, replace_with_kernel_inject=False)
+    teacher.module.eval()
+    return teacher, dtype
+
+
+def build_task(cfg, stage, manifest, teacher) -> DistillTask:
+    """Student (+ adapters when the stage has a hint loss) and the stage's objective."""
+    student = create_tapped_model(cfg.student.name, len(manifest["label_names"]),
+                                  in_chans=cfg.student.in_chans,
                                   feature_indices=cfg.student.feature_indices,
                                   drop_rate=cfg.student.drop_rate)
-    loss_cfg = cfg.loss
-    teacher, teacher_channels = None, None
-    if cfg.run.mode == "supervised":  # task loss only
-        loss_cfg = dataclasses.replace(cfg.loss, kd_weight=0.0, at_weight=0.0, sp_weight=0.0,
-                                       hint_weight=0.0)
-    else:
-        import deepspeed
-        t = create_teacher(cfg.teacher.name, classes, checkpoint=cfg.teacher.checkpoint,
-                           in_chans=cfg.teacher.in_chans, feature_indices=cfg.teacher.feature_indices)
-        teacher_channels = t.feature_channels(cfg.data.image_size)
-        dtype = DTYPES[resolve_precision(cfg.teacher.dtype, env.device.type == "cuda")]
-        # Explicit dtype: init_inference defaults to fp16, which CPUs run slowly or not at all.
-        teacher = deepspeed.init_inference(t, dtype=dtype, replace_with_kernel_inject=False)
-        teacher.module.eval()
-    task = DistillTask(student, loss_cfg, multilabel=manifest["multilabel"],
+    t_channels = teacher.module.feature_channels(cfg.data.image_size) if teacher is not None else None
+    return DistillTask(student, stage.loss, multilabel=manifest["multilabel"],
                        student_channels=student.feature_channels(cfg.data.image_size),
-                       teacher_channels=teacher_channels, gather_fn=all_gather_with_grad)
-    return task, teacher
+                       teacher_channels=t_channels, gather_fn=all_gather_with_grad)
 
 
 def evaluate_split(forward_logits, loader, device, manifest, dtype):
@@ -107,59 +112,62 @@ def main(argv=None) -> int:
     env = init_distributed()
     import deepspeed
     torch.manual_seed(cfg.run.seed)
-    run_dir = cfg.run_dir
-    precision = resolve_precision(cfg.train.precision, env.device.type == "cuda")
-    train_loader, eval_loaders = make_loaders(cfg, env, cfg.run.seed)
-    task, teacher = build_models(cfg, env, manifest)
-    teacher_dtype = DTYPES[resolve_precision(cfg.teacher.dtype, env.device.type == "cuda")]
+    run_dir, ckpt_dir = cfg.run_dir, cfg.run_dir / "checkpoints"
+    cuda = env.device.type == "cuda"
+    precision = resolve_precision(cfg.train.precision, cuda)
+    student_dtype = DTYPES[precision]
+    stages = cfg.resolved_stages()
+    train_loader_for, eval_loaders = make_loaders(cfg, env)
+    teacher, teacher_dtype = build_teacher(cfg, env, len(manifest["label_names"]))
+    resume_tag, pos = resume_position(args.resume, ckpt_dir)
 
-    accum = cfg.train.gradient_accumulation_steps
-    steps_per_epoch = len(train_loader) // accum
-    total_steps = steps_per_epoch * cfg.train.epochs
-    if cfg.train.max_steps:
-        total_steps = min(total_steps, cfg.train.max_steps)
-    ds_config = deepspeed_config(cfg, env.world_size, total_steps, precision)
+    monitor = Monitor(run_dir / "tb") if env.is_main else NullMonitor()
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-        (run_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=1))
-    engine, _, _, _ = deepspeed.initialize(
-        model=task, model_parameters=[p for p in task.parameters() if p.requires_grad],
-        config=ds_config)
-    student_dtype = DTYPES[precision]
-
-    monitor = Monitor(run_dir / "tb") if env.is_main else NullMonitor()
+    accum = cfg.train.gradient_accumulation_steps
+    steps_per_epoch = len(train_loader_for(0)) // accum
+    total_steps = steps_per_epoch * sum(s.epochs for s in stages)
+    if cfg.train.max_steps:
+        total_steps = min(total_steps, cfg.train.max_steps)
     monitor.print(f"run dir {run_dir} | world {env.world_size} ({env.backend}, {env.device.type}) | "
                   f"{cfg.run.mode}: {cfg.student.name}"
                   + (f" <- {cfg.teacher.name}" if teacher is not None else "")
-                  + f" | {steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs, ZeRO-{cfg.train.zero_stage}")
+                  + f" | stages {[f'{s.name}:{s.epochs}ep' for s in stages]} x {steps_per_epoch} steps"
+                  + f", ZeRO-{cfg.train.zero_stage}, {precision}"
+                  + (f" | resuming from {resume_tag}" if resume_tag else ""))
     progress = Progress(total_steps, env.is_main)
-    global_batch = ds_config["train_batch_size"]
-    step, epoch, t_log = 0, 0, time.perf_counter()
-    while step < total_steps:
-        engine.train()
-        for i, batch in enumerate(train_loader):
+
+    step = pos.step
+    for si, stage in enumerate(stages):
+        if si < pos.stage or step >= total_steps:
+            continue
+        task = build_task(cfg, stage, manifest, teacher)
+        if si > 0:  # each stage starts from the previous stage's student (and adapters)
+            load_student(task, run_dir / "stages" / stages[si - 1].name / "model.pt")
+        stage_steps = steps_per_epoch * stage.epochs
+        ds_config = deepspeed_config(cfg, env.world_size, stage_steps, precision, stage)
+        if env.is_main:
+            (run_dir / f"deepspeed.{stage.name}.json").write_text(json.dumps(ds_config, indent=1))
+        engine, _, _, _ = deepspeed.initialize(
+            model=task, model_parameters=[p for p in task.parameters() if p.requires_grad],
+            config=ds_config)
+        first_epoch = 0
+        if resume_tag and si == pos.stage:
+            engine.load_checkpoint(str(ckpt_dir), tag=resume_tag)
+            first_epoch = pos.epoch
+        monitor.scalars({"stage": si}, step, "train/")
+        for epoch in range(first_epoch, stage.epochs):
             if step >= total_steps:
-                continue  # drain the epoch so the loader resets cleanly
-            log_now = (step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps
-            timings = {} if log_now else None
-            batch["image"] = batch["image"].to(student_dtype)
-            terms = train_step(engine, teacher, batch, teacher_dtype, timings)
-            if (i + 1) % accum:
-                continue
-            step += 1
-            if log_now:  # the only place that syncs with .item()
-                dt = time.perf_counter() - t_log
-                values = {k: terms[k].item() for k in ("loss",) + TERMS if k in terms}
-                sps = global_batch * cfg.train.log_every / dt if step >= cfg.train.log_every else 0.0
-                monitor.scalars(values, step, "train/")
-                monitor.scalars({"lr": engine.get_lr()[0], "samples_per_s": sps,
-                                 "grad_norm": engine.get_global_grad_norm(),
-                                 "time/teacher_forward_s": timings["teacher_s"],
-                                 "time/student_step_s": timings["student_s"]}, step, "train/")
-                progress.line(step, epoch, values, sps)
-                t_log = time.perf_counter()
-        epoch += 1
+                break
+            step = run_epoch(engine, teacher, train_loader_for(epoch), teacher_dtype=teacher_dtype,
+                             student_dtype=student_dtype, accum=accum, step=step, last_step=total_steps,
+                             log_every=cfg.train.log_every, global_batch=ds_config["train_batch_size"],
+                             monitor=monitor, progress=progress, epoch=epoch)
+            ckpt.save(engine, ckpt_dir, stage.name, Position(si, epoch + 1, step),
+                      cfg.train.keep_checkpoints, env.is_main)
+        export_student(engine, run_dir / "stages" / stage.name / "model.pt",
+                       {"stage": stage.name, "step": step}, env.is_main)
 
     # ----------------------------------------------------------------------- evaluation and close
     engine.eval()
@@ -175,10 +183,11 @@ def main(argv=None) -> int:
         monitor.scalars({"mean_auroc": r["mean_auroc"], **{f"auroc/{k}": v for k, v in r["auroc"].items()}},
                         step, f"eval/{name}/")
     test = cfg.data.test_split
-    columns = {m: results[f"{m}/{test}"] for m in ("teacher", "student") if f"{m}/{test}" in results}
+    names = {"teacher": f"{cfg.teacher.name} (teacher)", "student": cfg.student.name}
+    columns = {names[m]: results[f"{m}/{test}"] for m in ("teacher", "student") if f"{m}/{test}" in results}
     table = format_auroc_table(columns, manifest["label_names"])
     monitor.print(f"\nper-class AUROC on the '{test}' split (patient-disjoint, "
-                  f"{columns['student']['samples']} images):\n{table}")
+                  f"{results[f'student/{test}']['samples']} images):\n{table}")
     monitor.text("eval/auroc_table", f"```\n{table}\n```", step)
 
     meta = {"arch": cfg.student.name, "num_classes": len(manifest["label_names"]),
@@ -186,14 +195,13 @@ def main(argv=None) -> int:
             "image_size": cfg.data.image_size, "label_names": manifest["label_names"],
             "multilabel": manifest["multilabel"], "step": step, "mode": cfg.run.mode}
     export_student(engine, run_dir / "final" / "model.pt", meta, env.is_main)
-    save_checkpoint(engine, run_dir / "checkpoints", f"step{step:08d}",
-                    {"step": step, "epoch": epoch, "stage": "final"})
     if env.is_main:
         (run_dir / "metrics.json").write_text(json.dumps(results, indent=1))
         monitor.hparams({"student": cfg.student.name, "teacher": cfg.teacher.name, "mode": cfg.run.mode,
-                         "lr": cfg.train.lr, "epochs": cfg.train.epochs, "kd_weight": cfg.loss.kd_weight,
-                         "at_weight": cfg.loss.at_weight, "sp_weight": cfg.loss.sp_weight},
-                        {"hparams/test_mean_auroc": columns["student"]["mean_auroc"]})
+                         "lr": cfg.train.lr, "stages": ",".join(s.name for s in stages),
+                         "kd_weight": stages[-1].loss.kd_weight, "at_weight": stages[-1].loss.at_weight,
+                         "sp_weight": stages[-1].loss.sp_weight},
+                        {"hparams/test_mean_auroc": results[f"student/{test}"]["mean_auroc"]})
         print(f"TensorBoard logs: {run_dir / 'tb'}   (tensorboard --logdir {run_dir})")
     monitor.close()
     barrier()

@@ -1,14 +1,13 @@
-"""The training step, distributed prediction, and checkpoints on a DeepSpeed engine."""
+"""The training step, one epoch of steps, and distributed prediction on a DeepSpeed engine."""
 from __future__ import annotations
 
-import os
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from launcher.dist import all_gather_cat, barrier
+from launcher.dist import all_gather_cat
+from rmsnet.objective import TERMS
 
 
 def teacher_forward(teacher, images: torch.Tensor, dtype: torch.dtype, with_features: bool):
@@ -66,28 +65,35 @@ def predict(forward_logits, loader, device, multilabel: bool):
     return p.cpu().numpy()[first], t.cpu().numpy()[first], s_np[first]
 
 
-def consolidated_state_dict(engine) -> dict:
-    """The student's full state dict on every rank (ZeRO-3 partitions parameters: gather them)."""
-    if engine.zero_optimization_stage() == 3:
-        return engine._zero3_consolidated_16bit_state_dict()
-    return engine.module.state_dict()
+def run_epoch(engine, teacher, loader, *, teacher_dtype, student_dtype, accum: int, step: int,
+              last_step: int, log_every: int, global_batch: int, monitor, progress, epoch: int,
+              skip_batches: int = 0) -> int:
+    """Train one epoch (or until `last_step`); log every `log_every` optimizer steps; return step.
 
-
-def export_student(engine, path: Path, meta: dict, is_main: bool) -> None:
-    """Write a self-describing `model.pt` (student weights + what is needed to rebuild it),
-    atomically; all ranks must call (ZeRO-3 gathers), rank 0 writes."""
-    full = consolidated_state_dict(engine)
-    if is_main:
-        student = {k[len("student.model."):]: v.detach().cpu() for k, v in full.items()
-                   if k.startswith("student.model.")}
-        adapters = {k: v.detach().cpu() for k, v in full.items() if k.startswith("adapters.")}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".part")
-        torch.save({"model": student, "adapters": adapters, "meta": meta}, tmp)
-        os.replace(tmp, path)
-    barrier()
-
-
-def save_checkpoint(engine, ckpt_dir: Path, tag: str, client_state: dict) -> None:
-    """DeepSpeed checkpoint (model, optimizer, scheduler, ZeRO partitions) + our state."""
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
+    The loader is always drained to its end (DALI requires it before the next pipeline starts);
+    batches after `last_step`, and the first `skip_batches` (mid-epoch resume), are read but not used.
+    """
+    engine.train()
+    t_log, last_log = time.perf_counter(), step
+    for i, batch in enumerate(loader):
+        if i < skip_batches or step >= last_step:
+            continue
+        log_now = (step + 1) % log_every == 0 or step + 1 == last_step
+        timings = {} if log_now else None
+        batch["image"] = batch["image"].to(student_dtype)
+        terms = train_step(engine, teacher, batch, teacher_dtype, timings)
+        if (i + 1) % accum:
+            continue
+        step += 1
+        if log_now:  # the only place that syncs with .item()
+            dt = time.perf_counter() - t_log
+            values = {k: terms[k].item() for k in ("loss",) + TERMS if k in terms}
+            sps = global_batch * (step - last_log) / dt
+            monitor.scalars(values, step, "train/")
+            monitor.scalars({"lr": engine.get_lr()[0], "samples_per_s": sps,
+                             "grad_norm": engine.get_global_grad_norm(),
+                             "time/teacher_forward_s": timings["teacher_s"],
+                             "time/student_step_s": timings["student_s"]}, step, "train/")
+            progress.line(step, epoch, values, sps)
+            t_log, last_log = time.perf_counter(), step
+    return step

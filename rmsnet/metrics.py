@@ -65,12 +65,13 @@ def format_auroc_table(columns: dict[str, dict], label_names) -> str:
     """A text table: one row per class, one column per model (e.g. teacher, student)."""
     names = list(columns)
     width = max(len(n) for n in label_names) + 2
-    lines = [f"{'class':<{width}}" + "".join(f"{n:>12}" for n in names)]
+    col = max(12, max(len(n) for n in names) + 2)
+    lines = [f"{'class':<{width}}" + "".join(f"{n:>{col}}" for n in names)]
     for label in label_names:
         cells = [columns[n]["auroc"].get(label) for n in names]
-        lines.append(f"{label:<{width}}" + "".join(f"{'missing' if v is None else f'{v:.3f}':>12}"
+        lines.append(f"{label:<{width}}" + "".join(f"{'missing' if v is None else f'{v:.3f}':>{col}}"
                                                    for v in cells))
     means = [columns[n]["mean_auroc"] for n in names]
-    lines.append(f"{'mean AUROC':<{width}}" + "".join(f"{'-' if v is None else f'{v:.3f}':>12}"
+    lines.append(f"{'mean AUROC':<{width}}" + "".join(f"{'-' if v is None else f'{v:.3f}':>{col}}"
                                                       for v in means))
     return "\n".join(lines)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-import torch
 from torch import Tensor, nn
 
 from rmsnet.losses import (attention_transfer_loss, focal_loss, hint_loss, kd_loss,

@@ -1,0 +1,108 @@
+"""Checkpoints: DeepSpeed's own (model, optimizer, scheduler, ZeRO partitions) plus our position.
+
+Layout under the run directory:
+
+    checkpoints/<stage>-e<epoch>-s<step>/   DeepSpeed checkpoint of the end of an epoch
+    checkpoints/latest                      DeepSpeed's pointer, rewritten only after a complete save
+    stages/<stage>/model.pt                 student (+ adapters) at the end of a stage: next stage's start
+    final/model.pt                          the deployable student with its metadata
+
+A save killed half-way leaves a partial tag directory but never touches `latest`, so `--resume auto`
+(which follows `latest`) always lands on a complete checkpoint. Only the newest `keep` epoch
+checkpoints are kept.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from launcher.dist import barrier
+
+TAG = re.compile(r"^(?P<stage>[\w-]+)-e(?P<epoch>\d{4})-s(?P<step>\d{8})$")
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a run stands: stage index, epochs completed in that stage, optimizer steps in total."""
+    stage: int = 0
+    epoch: int = 0
+    step: int = 0
+
+
+def tag_for(stage_name: str, epoch: int, step: int) -> str:
+    return f"{stage_name}-e{epoch:04d}-s{step:08d}"
+
+
+def save(engine, ckpt_dir: Path, stage_name: str, pos: Position, keep: int, is_main: bool) -> None:
+    tag = tag_for(stage_name, pos.epoch, pos.step)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag,
+                           client_state={"stage": pos.stage, "epoch": pos.epoch, "step": pos.step})
+    barrier()
+    if is_main and keep > 0:
+        tags = sorted((d for d in ckpt_dir.iterdir() if d.is_dir() and TAG.match(d.name)),
+                      key=lambda d: int(TAG.match(d.name)["step"]))
+        for old in tags[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+
+
+def latest(ckpt_dir: Path) -> str | None:
+    """The newest complete checkpoint tag, or None."""
+    pointer = ckpt_dir / "latest"
+    if not pointer.is_file():
+        return None
+    tag = pointer.read_text().strip()
+    if not (ckpt_dir / tag).is_dir():
+        raise FileNotFoundError(f"{pointer} names {tag}, which is missing: the checkpoint directory "
+                                f"was modified by hand")
+    return tag
+
+
+def resume_position(resume: str, ckpt_dir: Path) -> tuple[str | None, Position]:
+    """`none`, `auto` (newest complete checkpoint if any) or a tag name -> (tag, position)."""
+    if resume == "none":
+        return None, Position()
+    tag = latest(ckpt_dir) if resume == "auto" else resume
+    if tag is None:
+        return None, Position()
+    if not (ckpt_dir / tag).is_dir():
+        raise FileNotFoundError(f"--resume {resume}: checkpoint {ckpt_dir / tag} not found")
+    state = torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu",
+                       weights_only=False)
+    return tag, Position(int(state["stage"]), int(state["epoch"]), int(state["step"]))
+
+
+def consolidated_state_dict(engine) -> dict:
+    """The full module state dict on every rank (ZeRO-3 partitions parameters: gather them)."""
+    if engine.zero_optimization_stage() == 3:
+        return engine._zero3_consolidated_16bit_state_dict()
+    return engine.module.state_dict()
+
+
+def export_student(engine, path: Path, meta: dict, is_main: bool) -> None:
+    """Write `model.pt` (student weights, adapters, metadata to rebuild it) atomically.
+    Every rank must call (ZeRO-3 gathers); rank 0 writes."""
+    full = consolidated_state_dict(engine)
+    if is_main:
+        student = {k[len("student.model."):]: v.detach().cpu() for k, v in full.items()
+                   if k.startswith("student.model.")}
+        adapters = {k[len("adapters."):]: v.detach().cpu() for k, v in full.items()
+                    if k.startswith("adapters.")}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".part")
+        torch.save({"model": student, "adapters": adapters, "meta": meta}, tmp)
+        os.replace(tmp, path)
+    barrier()
+
+
+def load_student(task, path: Path) -> None:
+    """Start a stage from the previous stage's export: student strictly, adapters when both have them."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    task.student.model.load_state_dict(saved["model"])
+    if task.adapters is not None and saved["adapters"]:
+        task.adapters.load_state_dict(saved["adapters"])

@@ -1,0 +1,127 @@
+"""The launcher end to end, through the real `deepspeed` launcher on two CPU ranks (gloo).
+
+These start real processes (about 20 s each, most of it DeepSpeed start-up): marked slow, run in CI.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rmsnet.teachers import create_tapped_model
+
+REPO = Path(__file__).resolve().parents[1]
+DISTILL_CFG = REPO / "launcher" / "configs" / "demo_distill.yaml"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _deepspeed_cmd(ranks: int, *args) -> list[str]:
+    exe = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
+    return [exe, "--num_gpus", str(ranks), "--master_port", str(_free_port()),
+            str(REPO / "launcher" / "distill.py"), *args]
+
+
+def _run(cmd, timeout=420):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def random_teacher(tmp_path_factory) -> Path:
+    """A resnet18 teacher checkpoint in the format the project writes (random weights suffice)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("teacher") / "model.pt"
+    model = create_tapped_model("resnet18", 14, in_chans=3)
+    torch.save({"model": model.model.state_dict(), "meta": {"arch": "resnet18"}}, path)
+    return path
+
+
+def _tiny(shards, out_dir, teacher, *extra) -> list[str]:
+    return ["--config", str(DISTILL_CFG), "--set", f"data.shards={shards}",
+            "--set", f"run.out_dir={out_dir}", "--set", f"teacher.checkpoint={teacher}",
+            "--set", "data.image_size=48", "--set", "train.batch_size_per_gpu=4",
+            "--set", "train.max_steps=3", "--set", "train.log_every=1", "--set", "train.warmup_steps=1",
+            *extra]
+
+
+@pytest.mark.slow
+def test_two_rank_cpu_distillation_leaves_checkpoint_student_and_readable_tensorboard(
+        cxr_shards, random_teacher, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    proc = _run(_deepspeed_cmd(2, *_tiny(cxr_shards, tmp_path, random_teacher)))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = tmp_path / "student"
+    assert "world 2 (gloo, cpu)" in proc.stdout
+    assert "per-class AUROC" in proc.stdout and "mean AUROC" in proc.stdout
+
+    # DeepSpeed checkpoint: latest tag, model states, and one ZeRO optimizer partition per rank.
+    ckpt = run / "checkpoints"
+    tag = (ckpt / "latest").read_text().strip()
+    assert (ckpt / tag / "mp_rank_00_model_states.pt").is_file()
+    assert len(list((ckpt / tag).glob("*optim_states.pt"))) == 2
+
+    # The exported student rebuilds into the same architecture.
+    exported = torch.load(run / "final" / "model.pt", weights_only=True)
+    student = create_tapped_model(exported["meta"]["arch"], exported["meta"]["num_classes"], in_chans=1)
+    student.model.load_state_dict(exported["model"])
+
+    (run / "config.yaml").read_text()
+    assert '"stage": 2' in (run / "deepspeed.json").read_text()
+
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in ["train/loss", "train/task", "train/kd", "train/at", "train/sp", "train/lr",
+                "train/samples_per_s", "train/grad_norm", "train/time/teacher_forward_s",
+                "train/time/student_step_s", "eval/student/test/mean_auroc",
+                "eval/teacher/test/mean_auroc"]:
+        assert tag in tags, f"{tag} missing from {sorted(tags)}"
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_single_process_supervised_mode_trains_without_teacher(cxr_shards, tmp_path):
+    cfg = REPO / "launcher" / "configs" / "demo_teacher.yaml"
+    proc = _run([sys.executable, str(REPO / "launcher" / "distill.py"), "--config", str(cfg),
+                 "--set", f"data.shards={cxr_shards}", "--set", f"run.out_dir={tmp_path}",
+                 "--set", "data.image_size=48", "--set", "train.batch_size_per_gpu=4",
+                 "--set", "train.max_steps=2", "--set", "train.log_every=1"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "world 1" in proc.stdout and "supervised: resnet18" in proc.stdout
+    saved = torch.load(tmp_path / "teacher" / "final" / "model.pt", weights_only=True)
+    assert saved["meta"]["arch"] == "resnet18" and not saved["adapters"]
+
+
+@pytest.mark.parametrize("override, named", [
+    ("train.lrr=0.1", "train.lrr"),
+    ("train.epochs=abc", "train.epochs"),
+    ("train.zero_stage=5", "train.zero_stage"),
+])
+def test_bad_config_fails_before_any_process_group_naming_the_key(override, named, cxr_shards, tmp_path,
+                                                                 random_teacher):
+    proc = _run([sys.executable, str(REPO / "launcher" / "distill.py"),
+                 *_tiny(cxr_shards, tmp_path, random_teacher, "--set", override)], timeout=120)
+    assert proc.returncode == 2
+    assert named in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "student").exists()
+
+
+def test_missing_shard_directory_fails_with_one_clear_message(tmp_path, random_teacher):
+    proc = _run([sys.executable, str(REPO / "launcher" / "distill.py"),
+                 *_tiny(tmp_path / "nowhere", tmp_path, random_teacher)], timeout=120)
+    assert proc.returncode == 2
+    assert "manifest.json" in proc.stderr and "nowhere" in proc.stderr
+    assert "Traceback" not in proc.stderr
