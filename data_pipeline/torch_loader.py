@@ -74,10 +74,13 @@ class ShardSamples(Dataset):
 
 
 class RankSampler(torch.utils.data.Sampler):
-    """DALI's sharding and FILL padding: contiguous ranges, shard rotating each epoch."""
+    """DALI's sharding and FILL padding: contiguous ranges; the shard read rotates with `epoch`
+    (fixed per loader, as DALI's pipeline is: a new loader per epoch), so every pass is the same."""
 
     def __init__(self, n: int, rank: int, world_size: int, batch_size: int, shuffle: bool, seed: int,
                  epoch: int = 0):
+        if n < world_size:
+            raise ValueError(f"{n} samples cannot be split over {world_size} ranks")
         self.n, self.rank, self.world, self.bs = n, rank, world_size, batch_size
         self.shuffle, self.seed, self.epoch = shuffle, seed, epoch
         largest = max(n * (r + 1) // world_size - n * r // world_size for r in range(world_size))
@@ -90,7 +93,6 @@ class RankSampler(torch.utils.data.Sampler):
             g = np.random.default_rng([self.seed, self.epoch, self.rank])
             idx = [idx[i] for i in g.permutation(len(idx))]
         idx += [idx[-1]] * (self.batches * self.bs - len(idx))
-        self.epoch += 1
         return iter(idx)
 
     def __len__(self):
@@ -101,6 +103,9 @@ def build_torch_loader(shard_dir, split: str, *, batch_size: int, image_size: in
                        rank: int = 0, world_size: int = 1, num_workers: int = 0, seed: int = 0,
                        augment: AugmentSpec | None = None, epoch: int = 0) -> DataLoader:
     ds = ShardSamples(shard_dir, split, image_size, augment if train else None)
+    if len(ds) < world_size:
+        raise ValueError(f"{shard_dir}: split {split!r} has {len(ds)} samples, fewer than the "
+                         f"{world_size} ranks it must be split over")
     sampler = RankSampler(len(ds), rank, world_size, batch_size, shuffle=train, seed=seed, epoch=epoch)
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       drop_last=False, persistent_workers=num_workers > 0)

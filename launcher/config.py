@@ -111,15 +111,19 @@ class LossConfig:
     sp_weight: float = 0.0
     """Similarity-preserving weight (the paper's beta: 3000)."""
     sp_global_batch: bool = False
-    """Gather features across ranks so SP sees the global batch (costs an all-gather per level)."""
+    """Similarity over the global batch: gather every rank's feature maps so the b x b matrices span
+    world*b samples, as single-process training on the global batch would (gradients are summed
+    back over ranks). Costs one all-gather per tapped level per step and world x the feature memory
+    for SP. Off, each rank's SP only compares the samples of its own micro-batch: a weaker signal
+    that changes with the number of GPUs."""
     hint_weight: float = 0.0
     """Stage-1 attended hidden-feature regression (needs adapters; trained with the student)."""
 
     def __post_init__(self):
-        if self.temperature <= 0:
+        if not self.temperature > 0:  # written so that NaN fails too
             raise ConfigError("loss.temperature must be > 0")
         for k in ("task_weight", "kd_weight", "at_weight", "sp_weight", "hint_weight"):
-            if getattr(self, k) < 0:
+            if not getattr(self, k) >= 0:
                 raise ConfigError(f"loss.{k} must be >= 0")
 
 
@@ -175,8 +179,11 @@ class TrainConfig:
         for k in ("epochs", "batch_size_per_gpu", "gradient_accumulation_steps", "log_every"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"train.{k} must be >= 1")
-        if self.lr <= 0:
+        if not self.lr > 0:  # NaN fails too
             raise ConfigError("train.lr must be > 0")
+        for k in ("weight_decay", "grad_clip", "min_lr_ratio", "momentum"):
+            if not getattr(self, k) >= 0:
+                raise ConfigError(f"train.{k} must be >= 0")
 
 
 @dataclass
@@ -217,9 +224,23 @@ class Config:
 
 
 # ------------------------------------------------------------------------------------ loading
+class _Override(str):
+    """A `--set` value: the text as typed, plus its YAML reading (`parsed`). String fields take the
+    text (so `run.name=0.10` stays '0.10'), every other field the YAML value."""
+
+    def __new__(cls, text: str):
+        self = super().__new__(cls, text)
+        self.parsed = yaml.safe_load(text) if text.strip() else ""
+        return self
+
+
 def _convert(tp, value, key: str):
     """Check/convert one YAML value to the annotated type, naming `key` on failure."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if isinstance(value, _Override):
+        wants_text = tp is str or (origin in (typing.Union, types.UnionType) and str in args)
+        scalar = value.parsed is not None and not isinstance(value.parsed, (list, dict))
+        value = str(value) if wants_text and scalar else value.parsed
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
@@ -242,6 +263,11 @@ def _convert(tp, value, key: str):
             raise ConfigError(f"{key}: expected true/false, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `5e-3` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -279,7 +305,7 @@ def apply_override(data: dict, assignment: str) -> None:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
             raise ConfigError(f"--set {key}: {p} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    node[parts[-1]] = _Override(raw)
 
 
 def load_config(path=None, overrides=()) -> Config:

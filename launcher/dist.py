@@ -129,13 +129,36 @@ def shutdown() -> None:
         torch.distributed.destroy_process_group()
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums the gradient over ranks and keeps the local slice.
+
+    Every rank computes the same loss on the gathered global batch; summing the ranks' gradients
+    for the local rows and letting data parallelism average them over ranks gives exactly the
+    gradient of single-process training on the global batch (the SimCLR `GatherLayer` argument).
+    """
+
+    @staticmethod
+    def forward(ctx, t):
+        world = torch.distributed.get_world_size()
+        parts = [torch.empty_like(t) for _ in range(world)]
+        torch.distributed.all_gather(parts, t.contiguous())
+        ctx.rank, ctx.n = torch.distributed.get_rank(), t.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        torch.distributed.all_reduce(grad)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
 def all_gather_with_grad(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate equal-shaped tensors from every rank along dim 0; the gradient flows into the
-    local slice only (the other ranks' slices are constants here; their own ranks backpropagate
-    through them). Used by the similarity-preserving loss over the global batch."""
+    """Concatenate equal-shaped tensors from every rank along dim 0, differentiably (see above).
+    Used by the similarity-preserving loss over the global batch."""
     if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
         return t
-    parts = [torch.empty_like(t) for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather(parts, t.detach().contiguous())
-    parts[torch.distributed.get_rank()] = t
-    return torch.cat(parts)
+    if not t.requires_grad:
+        parts = [torch.empty_like(t) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
+    return _GatherWithGrad.apply(t)

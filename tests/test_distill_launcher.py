@@ -4,37 +4,15 @@ These start real processes (about 20 s each, most of it DeepSpeed start-up): mar
 """
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from _launch import REPO, deepspeed_cmd, python_cmd, run
 from rmsnet.teachers import create_tapped_model
 
-REPO = Path(__file__).resolve().parents[1]
 DISTILL_CFG = REPO / "launcher" / "configs" / "demo_distill.yaml"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _deepspeed_cmd(ranks: int, *args) -> list[str]:
-    exe = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
-    return [exe, "--num_gpus", str(ranks), "--master_port", str(_free_port()),
-            str(REPO / "launcher" / "distill.py"), *args]
-
-
-def _run(cmd, timeout=420):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -60,27 +38,27 @@ def test_two_rank_cpu_distillation_leaves_checkpoint_student_and_readable_tensor
         cxr_shards, random_teacher, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    proc = _run(_deepspeed_cmd(2, *_tiny(cxr_shards, tmp_path, random_teacher)))
+    proc = run(deepspeed_cmd(2, *_tiny(cxr_shards, tmp_path, random_teacher)))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    run = tmp_path / "student"
+    run_dir = tmp_path / "student"
     assert "world 2 (gloo, cpu)" in proc.stdout
     assert "per-class AUROC" in proc.stdout and "mean AUROC" in proc.stdout
 
     # DeepSpeed checkpoint: latest tag, model states, and one ZeRO optimizer partition per rank.
-    ckpt = run / "checkpoints"
+    ckpt = run_dir / "checkpoints"
     tag = (ckpt / "latest").read_text().strip()
     assert (ckpt / tag / "mp_rank_00_model_states.pt").is_file()
     assert len(list((ckpt / tag).glob("*optim_states.pt"))) == 2
 
     # The exported student rebuilds into the same architecture.
-    exported = torch.load(run / "final" / "model.pt", weights_only=True)
+    exported = torch.load(run_dir / "final" / "model.pt", weights_only=True)
     student = create_tapped_model(exported["meta"]["arch"], exported["meta"]["num_classes"], in_chans=1)
     student.model.load_state_dict(exported["model"])
 
-    (run / "config.yaml").read_text()
-    assert '"stage": 2' in (run / "deepspeed.json").read_text()
+    (run_dir / "config.yaml").read_text()
+    assert '"stage": 2' in (run_dir / "deepspeed.main.json").read_text()
 
-    acc = EventAccumulator(str(run / "tb"))
+    acc = EventAccumulator(str(run_dir / "tb"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     for tag in ["train/loss", "train/task", "train/kd", "train/at", "train/sp", "train/lr",
@@ -94,10 +72,10 @@ def test_two_rank_cpu_distillation_leaves_checkpoint_student_and_readable_tensor
 @pytest.mark.slow
 def test_single_process_supervised_mode_trains_without_teacher(cxr_shards, tmp_path):
     cfg = REPO / "launcher" / "configs" / "demo_teacher.yaml"
-    proc = _run([sys.executable, str(REPO / "launcher" / "distill.py"), "--config", str(cfg),
-                 "--set", f"data.shards={cxr_shards}", "--set", f"run.out_dir={tmp_path}",
-                 "--set", "data.image_size=48", "--set", "train.batch_size_per_gpu=4",
-                 "--set", "train.max_steps=2", "--set", "train.log_every=1"])
+    proc = run(python_cmd("--config", str(cfg),
+                          "--set", f"data.shards={cxr_shards}", "--set", f"run.out_dir={tmp_path}",
+                          "--set", "data.image_size=48", "--set", "train.batch_size_per_gpu=4",
+                          "--set", "train.max_steps=2", "--set", "train.log_every=1"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "world 1" in proc.stdout and "supervised: resnet18" in proc.stdout
     saved = torch.load(tmp_path / "teacher" / "final" / "model.pt", weights_only=True)
@@ -111,8 +89,8 @@ def test_single_process_supervised_mode_trains_without_teacher(cxr_shards, tmp_p
 ])
 def test_bad_config_fails_before_any_process_group_naming_the_key(override, named, cxr_shards, tmp_path,
                                                                  random_teacher):
-    proc = _run([sys.executable, str(REPO / "launcher" / "distill.py"),
-                 *_tiny(cxr_shards, tmp_path, random_teacher, "--set", override)], timeout=120)
+    proc = run(python_cmd(*_tiny(cxr_shards, tmp_path, random_teacher, "--set", override)),
+               timeout=120)
     assert proc.returncode == 2
     assert named in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -120,8 +98,7 @@ def test_bad_config_fails_before_any_process_group_naming_the_key(override, name
 
 
 def test_missing_shard_directory_fails_with_one_clear_message(tmp_path, random_teacher):
-    proc = _run([sys.executable, str(REPO / "launcher" / "distill.py"),
-                 *_tiny(tmp_path / "nowhere", tmp_path, random_teacher)], timeout=120)
+    proc = run(python_cmd(*_tiny(tmp_path / "nowhere", tmp_path, random_teacher)), timeout=120)
     assert proc.returncode == 2
     assert "manifest.json" in proc.stderr and "nowhere" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -1,0 +1,33 @@
+"""Starting the project's commands as real processes, for the slow end-to-end tests."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deepspeed_cmd(ranks: int, *args) -> list[str]:
+    """`deepspeed --num_gpus N launcher/distill.py ...` (N CPU ranks on a host without GPUs)."""
+    exe = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
+    return [exe, "--num_gpus", str(ranks), "--master_port", str(free_port()),
+            str(REPO / "launcher" / "distill.py"), *args]
+
+
+def python_cmd(*args) -> list[str]:
+    return [sys.executable, str(REPO / "launcher" / "distill.py"), *args]
+
+
+def run(cmd, timeout=420) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
