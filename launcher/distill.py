@@ -138,10 +138,10 @@ def main(argv=None) -> int:
                   + (f" | resuming from {resume_tag}" if resume_tag else ""))
     progress = Progress(total_steps, env.is_main)
 
-    step = pos.step
+    step, engine = pos.step, None
     for si, stage in enumerate(stages):
-        if si < pos.stage or step >= total_steps:
-            continue
+        if si < pos.stage or (step >= total_steps and engine is not None):
+            continue  # done before the restart, or cut by train.max_steps
         task = build_task(cfg, stage, manifest, teacher)
         if si > 0:  # each stage starts from the previous stage's student (and adapters)
             load_student(task, run_dir / "stages" / stages[si - 1].name / "model.pt")

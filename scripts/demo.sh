@@ -22,10 +22,10 @@ echo "== 3/5 pixel baseline (logistic regression on 16x16 thumbnails)"
 python launcher/baseline.py --shards "$OUT/data/cxr_shards" --out "$OUT/demo/pixel_baseline.json" | tail -1
 echo "== 4/5 teacher: ResNet-18, supervised, $RANKS DeepSpeed ranks"
 deepspeed --num_gpus "$RANKS" launcher/distill.py --config launcher/configs/demo_teacher.yaml 2>&1 \
-  | grep -vE '^\[[0-9-]+ [0-9:,]+\] \[(INFO|WARNING)\]|^W[0-9]{4} |FutureWarning|return func|^\s*$'
+  | grep --line-buffered -vE '^\[[0-9-]+ [0-9:,]+\] \[(INFO|WARNING)\]|^W[0-9]{4} |FutureWarning|return func|^\s*$'
 echo "== 5/5 student: RMS-Net-XXS distilled (focal + KD + AT + SP), $RANKS ranks, ZeRO-2"
 deepspeed --num_gpus "$RANKS" launcher/distill.py --config launcher/configs/demo_distill.yaml 2>&1 \
-  | grep -vE '^\[[0-9-]+ [0-9:,]+\] \[(INFO|WARNING)\]|^W[0-9]{4} |FutureWarning|return func|^\s*$'
+  | grep --line-buffered -vE '^\[[0-9-]+ [0-9:,]+\] \[(INFO|WARNING)\]|^W[0-9]{4} |FutureWarning|return func|^\s*$'
 python - "$OUT/demo" <<'PY'
 import json, sys
 run = sys.argv[1]
