@@ -79,6 +79,8 @@ def load_dataset(name: str, root: Path, **options) -> DatasetIndex:
         from data_pipeline.adapters.chestxray14 import load
     elif name == "fetal_planes":
         from data_pipeline.adapters.fetal_planes import load
+    elif name == "csv":
+        from data_pipeline.adapters.csv import load
     else:
-        raise ValueError(f"unknown dataset {name!r}; choose chestxray14 or fetal_planes")
+        raise ValueError(f"unknown dataset {name!r}; choose chestxray14, fetal_planes or csv")
     return load(root, **options)
