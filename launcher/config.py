@@ -153,6 +153,9 @@ class TrainConfig:
     batch_size_per_gpu: int = 32
     """Micro-batch per rank (DeepSpeed's train_micro_batch_size_per_gpu)."""
     gradient_accumulation_steps: int = 1
+    global_batch_size: Optional[int] = None
+    """Optional check: must equal batch_size_per_gpu x gradient_accumulation_steps x world size
+    (so a config written for 8 GPUs fails loudly on 4 instead of silently halving the batch)."""
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = 1e-3
     weight_decay: float = 0.05
@@ -171,7 +174,9 @@ class TrainConfig:
     max_steps: int = 0
     """Stop after this many optimizer steps in total (0 = run all epochs); for smoke tests."""
     keep_checkpoints: int = 2
-    """Epoch checkpoints kept (newest first); 0 keeps all."""
+    """Epoch checkpoints kept (newest first); 0 keeps all. The best student is kept apart."""
+    early_stopping_patience: int = 0
+    """Stop after this many validated epochs without a gain in validation mean AUROC (0 = off)."""
 
     def __post_init__(self):
         if self.zero_stage not in (0, 1, 2, 3):
@@ -334,6 +339,20 @@ def to_dict(cfg: Config) -> dict:
 
 def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def check_world(cfg: Config, world_size: int) -> None:
+    """Consistency checks that need the world size (run before any process group starts)."""
+    t = cfg.train
+    per_step = t.batch_size_per_gpu * t.gradient_accumulation_steps * world_size
+    if t.global_batch_size is not None and t.global_batch_size != per_step:
+        raise ConfigError(
+            f"train.global_batch_size {t.global_batch_size} != batch_size_per_gpu "
+            f"{t.batch_size_per_gpu} x gradient_accumulation_steps {t.gradient_accumulation_steps} x "
+            f"world size {world_size} = {per_step}; "
+            + (f"set train.gradient_accumulation_steps={t.global_batch_size // (t.batch_size_per_gpu * world_size)}"
+               if t.global_batch_size % (t.batch_size_per_gpu * world_size) == 0
+               else f"{t.global_batch_size} is not divisible by {t.batch_size_per_gpu} x {world_size}"))
 
 
 # ------------------------------------------------------------------------------- DeepSpeed JSON

@@ -21,13 +21,15 @@ import torch
 
 from data_pipeline.loader import build_loader
 from data_pipeline.loader_common import AugmentSpec, read_manifest
-from launcher.config import ConfigError, deepspeed_config, dump_yaml, load_config, resolve_precision
-from launcher.dist import all_gather_with_grad, barrier, init_distributed, shutdown
+from launcher.config import (ConfigError, check_world, deepspeed_config, dump_yaml, load_config,
+                             resolve_precision)
+from launcher.dist import all_gather_with_grad, barrier, detect_env, init_distributed, shutdown
 from launcher import checkpoints as ckpt
 from launcher.checkpoints import Position, export_student, load_student, resume_position
-from launcher.engine import predict, run_epoch
+from launcher.engine import run_epoch
 from launcher.monitor import Monitor, NullMonitor, Progress
-from rmsnet.metrics import classification_summary, format_auroc_table
+from launcher.validation import BestTracker, attention_figure, evaluate_split
+from rmsnet.metrics import format_auroc_table
 from rmsnet.objective import DistillTask
 from rmsnet.teachers import create_tapped_model, create_teacher
 
@@ -47,6 +49,7 @@ def parse_args(argv=None):
 
 def check_inputs(cfg) -> dict:
     """Everything a user can get wrong, checked before any process group starts."""
+    check_world(cfg, detect_env()["world_size"])
     manifest = read_manifest(cfg.data.shards)
     if cfg.run.mode == "distill" and not Path(cfg.teacher.checkpoint).is_file():
         raise FileNotFoundError(f"teacher.checkpoint {cfg.teacher.checkpoint}: file not found")
@@ -94,18 +97,12 @@ def build_task(cfg, stage, manifest, teacher) -> DistillTask:
                        teacher_channels=t_channels, gather_fn=all_gather_with_grad)
 
 
-def evaluate_split(forward_logits, loader, device, manifest, dtype):
-    probs, targets, _ = predict(lambda x: forward_logits(x.to(dtype)), loader, device,
-                                manifest["multilabel"])
-    return classification_summary(probs, targets, manifest["label_names"], manifest["multilabel"])
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
         manifest = check_inputs(cfg)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -137,10 +134,13 @@ def main(argv=None) -> int:
                   + f", ZeRO-{cfg.train.zero_stage}, {precision}"
                   + (f" | resuming from {resume_tag}" if resume_tag else ""))
     progress = Progress(total_steps, env.is_main)
+    best = BestTracker(run_dir, cfg.train.early_stopping_patience, env.is_main)
+    val_loader = eval_loaders[cfg.data.val_split]
+    stop = False
 
     step, engine = pos.step, None
     for si, stage in enumerate(stages):
-        if si < pos.stage or (step >= total_steps and engine is not None):
+        if si < pos.stage or ((step >= total_steps or stop) and engine is not None):
             continue  # done before the restart, or cut by train.max_steps
         task = build_task(cfg, stage, manifest, teacher)
         if si > 0:  # each stage starts from the previous stage's student (and adapters)
@@ -158,12 +158,24 @@ def main(argv=None) -> int:
             first_epoch = pos.epoch
         monitor.scalars({"stage": si}, step, "train/")
         for epoch in range(first_epoch, stage.epochs):
-            if step >= total_steps:
+            if step >= total_steps or stop:
                 break
             step = run_epoch(engine, teacher, train_loader_for(epoch), teacher_dtype=teacher_dtype,
                              student_dtype=student_dtype, accum=accum, step=step, last_step=total_steps,
                              log_every=cfg.train.log_every, global_batch=ds_config["train_batch_size"],
                              monitor=monitor, progress=progress, epoch=epoch)
+            if stage.loss.task_weight > 0 or stage.loss.kd_weight > 0:  # the head is trained
+                val = evaluate_split(engine.module.student.forward_logits, val_loader, engine.device,
+                                     manifest, student_dtype)
+                monitor.scalars({"mean_auroc": val["mean_auroc"],
+                                 **{f"auroc/{k}": v for k, v in val["auroc"].items()}},
+                                step, f"eval/student/{cfg.data.val_split}/")
+                stop = best.update(engine, val["mean_auroc"],
+                                   {"arch": cfg.student.name, "stage": stage.name, "epoch": epoch + 1,
+                                    "step": step})
+                if stop:
+                    monitor.print(f"early stop: no gain in validation mean AUROC for "
+                                  f"{best.bad_epochs} epochs (best {best.best:.4f})")
             ckpt.save(engine, ckpt_dir, stage.name, Position(si, epoch + 1, step),
                       cfg.train.keep_checkpoints, env.is_main)
         export_student(engine, run_dir / "stages" / stage.name / "model.pt",
@@ -189,6 +201,10 @@ def main(argv=None) -> int:
     monitor.print(f"\nper-class AUROC on the '{test}' split (patient-disjoint, "
                   f"{results[f'student/{test}']['samples']} images):\n{table}")
     monitor.text("eval/auroc_table", f"```\n{table}\n```", step)
+    if teacher is not None:  # what AT matches, for a few test images (all ranks: ZeRO-3 gathers)
+        sample = next(iter(eval_loaders[test]))["image"][:4].to(engine.device)
+        monitor.figure("eval/attention_maps", attention_figure(
+            student, teacher.module, sample, student_dtype, teacher_dtype), step)
 
     meta = {"arch": cfg.student.name, "num_classes": len(manifest["label_names"]),
             "in_chans": cfg.student.in_chans, "feature_indices": student.feature_indices,

@@ -4,6 +4,7 @@ These start real processes (about 20 s each, most of it DeepSpeed start-up): mar
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,10 @@ def test_two_rank_cpu_distillation_leaves_checkpoint_student_and_readable_tensor
                 "eval/teacher/test/mean_auroc"]:
         assert tag in tags, f"{tag} missing from {sorted(tags)}"
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3]
+    assert "eval/student/val/mean_auroc" in tags  # validated at the end of the (cut) epoch
+    assert "eval/attention_maps" in acc.Tags()["images"]
+    best = torch.load(run_dir / "best" / "model.pt", weights_only=True)
+    assert best["meta"]["val_mean_auroc"] is not None
 
 
 @pytest.mark.slow
@@ -86,6 +91,7 @@ def test_single_process_supervised_mode_trains_without_teacher(cxr_shards, tmp_p
     ("train.lrr=0.1", "train.lrr"),
     ("train.epochs=abc", "train.epochs"),
     ("train.zero_stage=5", "train.zero_stage"),
+    ("train.global_batch_size=12", "train.global_batch_size"),  # 4 per GPU x 1 process
 ])
 def test_bad_config_fails_before_any_process_group_naming_the_key(override, named, cxr_shards, tmp_path,
                                                                  random_teacher):
@@ -102,3 +108,49 @@ def test_missing_shard_directory_fails_with_one_clear_message(tmp_path, random_t
     assert proc.returncode == 2
     assert "manifest.json" in proc.stderr and "nowhere" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def _rank_pids(marker: str, local_rank: int) -> list[int]:
+    """PIDs of distill.py rank processes started with `--local_rank=N` (our temp run dir in the
+    command line keeps other tests' processes out)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        line = b" ".join(cmd)
+        if f"--local_rank={local_rank}".encode() in cmd and marker.encode() in line:
+            pids.append(int(d.name))
+    return pids
+
+
+@pytest.mark.slow
+def test_a_killed_rank_ends_the_whole_job_non_zero_within_60_seconds(cxr_shards, random_teacher, tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    cmd = deepspeed_cmd(2, *_tiny(cxr_shards, tmp_path, random_teacher, "--set", "train.max_steps=100000",
+                                  "--set", "train.epochs=1000"))
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        for line in proc.stdout:  # wait until both ranks are training
+            if "[step" in line or time.time() > deadline:
+                break
+        victims = _rank_pids(str(tmp_path), 1)
+        assert victims, "rank 1 not found"
+        os.kill(victims[0], signal.SIGKILL)
+        t0 = time.time()
+        rc = proc.wait(timeout=60)
+        elapsed = time.time() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rc != 0
+    assert elapsed < 60
+    time.sleep(1)
+    assert not _rank_pids(str(tmp_path), 0), "rank 0 outlived the job"

@@ -1,0 +1,83 @@
+"""Evaluation during and after training: scores, best-checkpoint tracking, early stopping.
+
+Every evaluation is distributed and scores each sample exactly once (`engine.predict` drops the
+padded duplicates by sample id), so the numbers equal a single-process pass over the same shards.
+The best student by validation mean AUROC is exported to `best/model.pt` (with the epoch and
+score in its metadata and in `best/score.json`, which a resumed run reads back).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from launcher.checkpoints import export_student
+from launcher.engine import predict
+from rmsnet.metrics import classification_summary
+
+
+def evaluate_split(forward_logits, loader, device, manifest, dtype) -> dict:
+    probs, targets, _ = predict(lambda x: forward_logits(x.to(dtype)), loader, device,
+                                manifest["multilabel"])
+    return classification_summary(probs, targets, manifest["label_names"], manifest["multilabel"])
+
+
+class BestTracker:
+    """Keeps the best validation mean AUROC, exports that student, counts epochs without gain."""
+
+    def __init__(self, run_dir: Path, patience: int, is_main: bool):
+        self.dir, self.patience, self.is_main = Path(run_dir) / "best", patience, is_main
+        score = self.dir / "score.json"
+        state = json.loads(score.read_text()) if score.is_file() else {}
+        self.best = state.get("mean_auroc")
+        self.bad_epochs = state.get("bad_epochs", 0)
+
+    def update(self, engine, score: float | None, meta: dict) -> bool:
+        """Record one validation score; returns True when training should stop early."""
+        if score is not None and (self.best is None or score > self.best):
+            self.best, self.bad_epochs = score, 0
+            export_student(engine, self.dir / "model.pt", {**meta, "val_mean_auroc": score}, self.is_main)
+        else:
+            self.bad_epochs += 1
+        if self.is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.dir / "score.json.part"
+            tmp.write_text(json.dumps({"mean_auroc": self.best, "bad_epochs": self.bad_epochs,
+                                       **{k: meta[k] for k in ("stage", "epoch", "step") if k in meta}}))
+            os.replace(tmp, self.dir / "score.json")
+        return self.patience > 0 and self.bad_epochs >= self.patience
+
+
+@torch.no_grad()
+def attention_figure(student, teacher, images: torch.Tensor, student_dtype, teacher_dtype):
+    """Input | teacher attention per tapped level | student attention per level, one row per image.
+
+    Attention = the channel mean of squared activations (Zagoruyko & Komodakis), the quantity the
+    AT loss matches; shown at each level's own resolution.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rmsnet.losses import attention_map
+
+    _, s_feats = student(images.to(student_dtype))
+    _, t_feats = teacher(images.to(teacher_dtype))
+    levels = len(s_feats)
+    fig, axes = plt.subplots(len(images), 1 + 2 * levels, figsize=(2 * (1 + 2 * levels), 2 * len(images)),
+                             squeeze=False)
+    for r in range(len(images)):
+        axes[r, 0].imshow(images[r, 0].float().cpu(), cmap="gray")
+        for j, (name, feats) in enumerate((("teacher", t_feats), ("student", s_feats))):
+            for lvl, f in enumerate(feats):
+                a = attention_map(f[r:r + 1].float()).view(f.shape[-2], f.shape[-1]).cpu()
+                ax = axes[r, 1 + j * levels + lvl]
+                ax.imshow(a, cmap="inferno")
+                if r == 0:
+                    ax.set_title(f"{name} L{lvl + 1}", fontsize=8)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
