@@ -162,3 +162,19 @@ def all_gather_with_grad(t: torch.Tensor) -> torch.Tensor:
         torch.distributed.all_gather(parts, t.contiguous())
         return torch.cat(parts)
     return _GatherWithGrad.apply(t)
+
+
+def average_batchnorm_stats(module: torch.nn.Module) -> None:
+    """Average BatchNorm running statistics over ranks.
+
+    Each rank updates its running mean/var from its own micro-batches, and DeepSpeed (unlike DDP's
+    broadcast_buffers) never synchronises buffers: without this, ranks would evaluate with different
+    statistics and the checkpoint (written by rank 0) would hold rank 0's alone.
+    """
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return
+    world = torch.distributed.get_world_size()
+    for name, buf in module.named_buffers():
+        if buf.is_floating_point() and name.rsplit(".", 1)[-1] in ("running_mean", "running_var"):
+            torch.distributed.all_reduce(buf)
+            buf.div_(world)

@@ -165,6 +165,7 @@ def main(argv=None) -> int:
                              log_every=cfg.train.log_every, global_batch=ds_config["train_batch_size"],
                              monitor=monitor, progress=progress, epoch=epoch)
             if stage.loss.task_weight > 0 or stage.loss.kd_weight > 0:  # the head is trained
+                engine.eval()  # BatchNorm must use (not update) its running statistics
                 val = evaluate_split(engine.module.student.forward_logits, val_loader, engine.device,
                                      manifest, student_dtype)
                 monitor.scalars({"mean_auroc": val["mean_auroc"],

@@ -6,7 +6,7 @@ import time
 import numpy as np
 import torch
 
-from launcher.dist import all_gather_cat
+from launcher.dist import all_gather_cat, average_batchnorm_stats
 from rmsnet.objective import TERMS
 
 
@@ -96,4 +96,5 @@ def run_epoch(engine, teacher, loader, *, teacher_dtype, student_dtype, accum: i
                              "time/student_step_s": timings["student_s"]}, step, "train/")
             progress.line(step, epoch, values, sps)
             t_log, last_log = time.perf_counter(), step
+    average_batchnorm_stats(engine.module)  # every rank evaluates and saves the same model
     return step

@@ -4,6 +4,7 @@ These start real processes (about 20 s each, most of it DeepSpeed start-up): mar
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import pytest
 import torch
 
 from _launch import REPO, deepspeed_cmd, python_cmd, run
+from data_pipeline.loader import build_loader
+from launcher.validation import evaluate_split
 from rmsnet.teachers import create_tapped_model
 
 DISTILL_CFG = REPO / "launcher" / "configs" / "demo_distill.yaml"
@@ -55,6 +58,17 @@ def test_two_rank_cpu_distillation_leaves_checkpoint_student_and_readable_tensor
     exported = torch.load(run_dir / "final" / "model.pt", weights_only=True)
     student = create_tapped_model(exported["meta"]["arch"], exported["meta"]["num_classes"], in_chans=1)
     student.model.load_state_dict(exported["model"])
+
+    # The two ranks evaluated exactly what was exported: same per-class AUROC in one process
+    # (BatchNorm statistics are averaged over ranks, so rank 0's export is every rank's model).
+    student.eval()
+    manifest = json.loads((Path(cxr_shards) / "manifest.json").read_text())
+    loader = build_loader(cxr_shards, "test", backend="dali", batch_size=5, image_size=48, train=False)
+    single = evaluate_split(student.forward_logits, loader, torch.device("cpu"), manifest, torch.float32)
+    in_run = json.loads((run_dir / "metrics.json").read_text())["student/test"]
+    assert in_run["samples"] == single["samples"] == manifest["splits"]["test"]["samples"]
+    for name, value in single["auroc"].items():
+        assert in_run["auroc"][name] == pytest.approx(value, abs=1e-6), name
 
     (run_dir / "config.yaml").read_text()
     assert '"stage": 2' in (run_dir / "deepspeed.main.json").read_text()
