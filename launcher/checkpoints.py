@@ -72,8 +72,13 @@ def resume_position(resume: str, ckpt_dir: Path) -> tuple[str | None, Position]:
         return None, Position()
     if not (ckpt_dir / tag).is_dir():
         raise FileNotFoundError(f"--resume {resume}: checkpoint {ckpt_dir / tag} not found")
-    state = torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu",
-                       weights_only=False)
+    # ZeRO 0-2 write mp_rank_00_model_states.pt; ZeRO-3 writes one zero_pp_rank_<r>_... per rank,
+    # each carrying the same client state.
+    names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    found = [ckpt_dir / tag / n for n in names if (ckpt_dir / tag / n).is_file()]
+    if not found:
+        raise FileNotFoundError(f"{ckpt_dir / tag}: no DeepSpeed model states ({' or '.join(names)})")
+    state = torch.load(found[0], map_location="cpu", weights_only=False)
     return tag, Position(int(state["stage"]), int(state["epoch"]), int(state["step"]))
 
 
