@@ -1,0 +1,49 @@
+"""Resuming a ZeRO-3 run (parameters partitioned over ranks) gives the uninterrupted result."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from _launch import REPO, deepspeed_cmd, run
+from rmsnet.teachers import create_tapped_model
+
+CFG = REPO / "launcher" / "configs" / "demo_distill.yaml"
+BATCH = 4
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("zero3_teacher") / "model.pt"
+    torch.save({"model": create_tapped_model("resnet18", 14, in_chans=3).model.state_dict()}, path)
+    return path
+
+
+def _args(shards, out, teacher, *extra):
+    return ["--config", str(CFG), "--set", f"data.shards={shards}", "--set", f"run.out_dir={out}",
+            "--set", f"teacher.checkpoint={teacher}", "--set", "data.image_size=48",
+            "--set", f"train.batch_size_per_gpu={BATCH}", "--set", "train.epochs=2",
+            "--set", "train.zero_stage=3", "--set", "train.log_every=1", *extra]
+
+
+@pytest.mark.slow
+def test_zero3_run_resumed_after_one_epoch_matches_the_uninterrupted_run(cxr_shards, teacher, tmp_path):
+    n = json.loads((Path(cxr_shards) / "manifest.json").read_text())["splits"]["train"]["samples"]
+    steps_per_epoch = math.ceil(math.ceil(n / 2) / BATCH)
+    full = run(deepspeed_cmd(2, *_args(cxr_shards, tmp_path / "full", teacher)))
+    assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
+    part = run(deepspeed_cmd(2, *_args(cxr_shards, tmp_path / "split", teacher,
+                                       "--set", f"train.max_steps={steps_per_epoch}")))
+    assert part.returncode == 0, part.stdout[-3000:] + part.stderr[-3000:]
+    resumed = run(deepspeed_cmd(2, *_args(cxr_shards, tmp_path / "split", teacher), "--resume", "auto"))
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"resuming from main-e0001-s{steps_per_epoch:08d}" in resumed.stdout
+    a = torch.load(tmp_path / "full" / "student" / "final" / "model.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "split" / "student" / "final" / "model.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
