@@ -29,3 +29,26 @@ def build_loader(shard_dir, split: str, *, backend: str, batch_size: int, image_
                                   num_workers=max(0, num_threads - 1), seed=seed, augment=augment,
                                   epoch=epoch)
     raise ValueError(f"data.loader must be dali, torch or auto, got {backend!r}")
+
+
+class InterleavedRanks:
+    """One process replaying the data order of a k-rank run: batch i of virtual rank 0, then batch
+    i of rank 1, ... With gradient accumulation over k micro-batches this is the same optimisation
+    as k data-parallel ranks (the mean of k micro-batch means), so a multi-GPU run can be reproduced,
+    debugged or checked for equivalence on one device."""
+
+    def __init__(self, loaders):
+        self.loaders = loaders
+
+    def __len__(self) -> int:
+        return len(self.loaders[0]) * len(self.loaders)
+
+    def __iter__(self):
+        for batches in zip(*self.loaders):  # every rank has the same number of batches
+            yield from batches
+
+
+def build_emulated_loader(shard_dir, split: str, *, virtual_world_size: int, **kwargs):
+    """`build_loader` for each virtual rank of a `virtual_world_size` run, interleaved."""
+    return InterleavedRanks([build_loader(shard_dir, split, rank=r, world_size=virtual_world_size,
+                                          **kwargs) for r in range(virtual_world_size)])

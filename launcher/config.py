@@ -62,6 +62,9 @@ class DataConfig:
     """Side of the square input the models see."""
     num_threads: int = 1
     """Loader threads per rank (DALI's num_threads; they come on top of torch's intra-op threads)."""
+    emulate_world_size: int = 1
+    """Single process only: replay the training data order of a run on this many ranks (needs
+    train.gradient_accumulation_steps equal to it); for reproducing or checking a multi-GPU run."""
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
@@ -70,6 +73,8 @@ class DataConfig:
     def __post_init__(self):
         if self.image_size < 32:
             raise ConfigError("data.image_size must be >= 32")
+        if self.emulate_world_size < 1:
+            raise ConfigError("data.emulate_world_size must be >= 1")
 
 
 @dataclass
@@ -344,6 +349,11 @@ def dump_yaml(cfg: Config) -> str:
 def check_world(cfg: Config, world_size: int) -> None:
     """Consistency checks that need the world size (run before any process group starts)."""
     t = cfg.train
+    emulate = cfg.data.emulate_world_size
+    if emulate > 1 and (world_size != 1 or t.gradient_accumulation_steps != emulate):
+        raise ConfigError(f"data.emulate_world_size={emulate} needs one process and "
+                          f"train.gradient_accumulation_steps={emulate} (world size {world_size}, "
+                          f"accumulation {t.gradient_accumulation_steps})")
     per_step = t.batch_size_per_gpu * t.gradient_accumulation_steps * world_size
     if t.global_batch_size is not None and t.global_batch_size != per_step:
         raise ConfigError(
@@ -385,6 +395,8 @@ def deepspeed_config(cfg: Config, world_size: int, total_steps: int, precision: 
         "scheduler": {"type": "WarmupCosineLR", "params": {
             "total_num_steps": max(total_steps, 1), "warmup_num_steps": warmup,
             "warmup_min_ratio": 0.0, "cos_min_ratio": t.min_lr_ratio, "warmup_type": "linear"}},
+        # torch.optim.SGD is not on DeepSpeed's list of ZeRO-tested optimizers; it is plain SGD.
+        "zero_allow_untested_optimizer": t.optimizer == "sgd",
         "gradient_clipping": t.grad_clip,
         "zero_optimization": {"stage": t.zero_stage},
         "bf16": {"enabled": precision == "bf16"},

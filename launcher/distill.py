@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from data_pipeline.loader import build_loader
+from data_pipeline.loader import build_emulated_loader, build_loader
 from data_pipeline.loader_common import AugmentSpec, read_manifest
 from launcher.config import (ConfigError, check_world, deepspeed_config, dump_yaml, load_config,
                              resolve_precision)
@@ -65,6 +65,10 @@ def make_loaders(cfg, env):
     a = d.augment
     augment = AugmentSpec(tuple(a.crop_scale), a.hflip, a.rotate_degrees, a.brightness, a.contrast)
     def train_for(epoch: int):
+        if d.emulate_world_size > 1:
+            emulated = {k: v for k, v in common.items() if k not in ("rank", "world_size")}
+            return build_emulated_loader(d.shards, d.train_split, virtual_world_size=d.emulate_world_size,
+                                         train=True, seed=seed, augment=augment, epoch=epoch, **emulated)
         return build_loader(d.shards, d.train_split, train=True, seed=seed, augment=augment,
                             epoch=epoch, **common)
     evals = {s: build_loader(d.shards, s, train=False, seed=seed, **common)
