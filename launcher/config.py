@@ -86,6 +86,9 @@ class StudentConfig:
     feature_indices: Optional[list[int]] = None
     """Levels tapped for feature distillation (timm `forward_intermediates` indices); None = last three."""
     drop_rate: float = 0.0
+    pretrained_file: str = ""
+    """Local copy of the model's published (e.g. ImageNet) timm weights to start from; the head is
+    re-initialised for this task and the stem adapted to in_chans. Never downloaded."""
 
 
 @dataclass

@@ -28,7 +28,8 @@ from launcher import checkpoints as ckpt
 from launcher.checkpoints import Position, export_student, load_student, resume_position
 from launcher.engine import run_epoch
 from launcher.monitor import Monitor, NullMonitor, Progress
-from launcher.validation import BestTracker, attention_figure, evaluate_split
+from launcher.plots import attention_figure, roc_figure
+from launcher.validation import BestTracker, evaluate_split
 from rmsnet.metrics import format_auroc_table
 from rmsnet.objective import DistillTask
 from rmsnet.teachers import create_tapped_model, create_teacher
@@ -53,6 +54,8 @@ def check_inputs(cfg) -> dict:
     manifest = read_manifest(cfg.data.shards)
     if cfg.run.mode == "distill" and not Path(cfg.teacher.checkpoint).is_file():
         raise FileNotFoundError(f"teacher.checkpoint {cfg.teacher.checkpoint}: file not found")
+    if cfg.student.pretrained_file and not Path(cfg.student.pretrained_file).is_file():
+        raise FileNotFoundError(f"student.pretrained_file {cfg.student.pretrained_file}: file not found")
     return manifest
 
 
@@ -94,7 +97,8 @@ def build_task(cfg, stage, manifest, teacher) -> DistillTask:
     student = create_tapped_model(cfg.student.name, len(manifest["label_names"]),
                                   in_chans=cfg.student.in_chans,
                                   feature_indices=cfg.student.feature_indices,
-                                  drop_rate=cfg.student.drop_rate)
+                                  drop_rate=cfg.student.drop_rate,
+                                  pretrained_file=cfg.student.pretrained_file or None)
     t_channels = teacher.module.feature_channels(cfg.data.image_size) if teacher is not None else None
     return DistillTask(student, stage.loss, multilabel=manifest["multilabel"],
                        student_channels=student.feature_channels(cfg.data.image_size),
@@ -189,13 +193,15 @@ def main(argv=None) -> int:
     # ----------------------------------------------------------------------- evaluation and close
     engine.eval()
     student = engine.module.student
-    results = {}
+    results, scores = {}, {}
     for split, loader in eval_loaders.items():
+        scores[f"student/{split}"], scores[f"teacher/{split}"] = {}, {}
         results[f"student/{split}"] = evaluate_split(student.forward_logits, loader, engine.device,
-                                                     manifest, student_dtype)
+                                                     manifest, student_dtype, scores[f"student/{split}"])
         if teacher is not None:
             results[f"teacher/{split}"] = evaluate_split(teacher.module.forward_logits, loader,
-                                                         engine.device, manifest, teacher_dtype)
+                                                         engine.device, manifest, teacher_dtype,
+                                                         scores[f"teacher/{split}"])
     for name, r in results.items():
         monitor.scalars({"mean_auroc": r["mean_auroc"], **{f"auroc/{k}": v for k, v in r["auroc"].items()}},
                         step, f"eval/{name}/")
@@ -206,6 +212,11 @@ def main(argv=None) -> int:
     monitor.print(f"\nper-class AUROC on the '{test}' split (patient-disjoint, "
                   f"{results[f'student/{test}']['samples']} images):\n{table}")
     monitor.text("eval/auroc_table", f"```\n{table}\n```", step)
+    if env.is_main:
+        curves = {names[m]: {**scores[f"{m}/{test}"], "auroc": results[f"{m}/{test}"]["auroc"]}
+                  for m in ("teacher", "student") if f"{m}/{test}" in results}
+        monitor.figure("eval/roc_curves", roc_figure(curves, manifest["label_names"],
+                                                     f"ROC, '{test}' split"), step)
     if teacher is not None:  # what AT matches, for a few test images (all ranks: ZeRO-3 gathers)
         sample = next(iter(eval_loaders[test]))["image"][:4].to(engine.device)
         monitor.figure("eval/attention_maps", attention_figure(

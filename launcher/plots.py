@@ -3,6 +3,7 @@
 `roc_figure`: one panel per class, every model's ROC curve in it (teacher and student side by side).
 `reliability_figure`: one reliability diagram per model (observed frequency per confidence bin as
 bars, the gap to the bin's mean confidence hatched, the bin counts below).
+`attention_figure`: teacher vs student attention maps per tapped level (what the AT loss matches).
 The caller saves them as PNG and hands them to TensorBoard.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from rmsnet.metrics import roc_points  # noqa: E402
 
@@ -83,5 +85,34 @@ def reliability_figure(models: dict[str, dict], title: str):
         low.set_xlabel(m.get("what", "confidence"), fontsize=8)
         low.set_ylabel("count", fontsize=8)
     fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+@torch.no_grad()
+def attention_figure(student, teacher, images: torch.Tensor, student_dtype, teacher_dtype):
+    """Input | teacher attention per tapped level | student attention per level, one row per image.
+
+    Attention = the channel mean of squared activations (Zagoruyko & Komodakis), the quantity the
+    AT loss matches; shown at each level's own resolution.
+    """
+    from rmsnet.losses import attention_map
+
+    _, s_feats = student(images.to(student_dtype))
+    _, t_feats = teacher(images.to(teacher_dtype))
+    levels = len(s_feats)
+    fig, axes = plt.subplots(len(images), 1 + 2 * levels, figsize=(2 * (1 + 2 * levels), 2 * len(images)),
+                             squeeze=False)
+    for r in range(len(images)):
+        axes[r, 0].imshow(images[r, 0].float().cpu(), cmap="gray")
+        for j, (name, feats) in enumerate((("teacher", t_feats), ("student", s_feats))):
+            for lvl, f in enumerate(feats):
+                a = attention_map(f[r:r + 1].float()).view(f.shape[-2], f.shape[-1]).cpu()
+                ax = axes[r, 1 + j * levels + lvl]
+                ax.imshow(a, cmap="inferno")
+                if r == 0:
+                    ax.set_title(f"{name} L{lvl + 1}", fontsize=8)
+    for ax in axes.flat:
+        ax.axis("off")
     fig.tight_layout()
     return fig

@@ -11,16 +11,24 @@ import json
 import os
 from pathlib import Path
 
-import torch
 
 from launcher.checkpoints import export_student
 from launcher.engine import predict
 from rmsnet.metrics import classification_summary
 
 
-def evaluate_split(forward_logits, loader, device, manifest, dtype) -> dict:
+def score_split(forward_logits, loader, device, manifest, dtype):
+    """(probs, targets) of a split, every sample exactly once, on every rank."""
     probs, targets, _ = predict(lambda x: forward_logits(x.to(dtype)), loader, device,
                                 manifest["multilabel"])
+    return probs, targets
+
+
+def evaluate_split(forward_logits, loader, device, manifest, dtype, scores: dict | None = None) -> dict:
+    """Per-class AUROC & co. of one split; `scores`, when given, receives probs and targets."""
+    probs, targets = score_split(forward_logits, loader, device, manifest, dtype)
+    if scores is not None:
+        scores.update(probs=probs, targets=targets)
     return classification_summary(probs, targets, manifest["label_names"], manifest["multilabel"])
 
 
@@ -48,36 +56,3 @@ class BestTracker:
                                        **{k: meta[k] for k in ("stage", "epoch", "step") if k in meta}}))
             os.replace(tmp, self.dir / "score.json")
         return self.patience > 0 and self.bad_epochs >= self.patience
-
-
-@torch.no_grad()
-def attention_figure(student, teacher, images: torch.Tensor, student_dtype, teacher_dtype):
-    """Input | teacher attention per tapped level | student attention per level, one row per image.
-
-    Attention = the channel mean of squared activations (Zagoruyko & Komodakis), the quantity the
-    AT loss matches; shown at each level's own resolution.
-    """
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from rmsnet.losses import attention_map
-
-    _, s_feats = student(images.to(student_dtype))
-    _, t_feats = teacher(images.to(teacher_dtype))
-    levels = len(s_feats)
-    fig, axes = plt.subplots(len(images), 1 + 2 * levels, figsize=(2 * (1 + 2 * levels), 2 * len(images)),
-                             squeeze=False)
-    for r in range(len(images)):
-        axes[r, 0].imshow(images[r, 0].float().cpu(), cmap="gray")
-        for j, (name, feats) in enumerate((("teacher", t_feats), ("student", s_feats))):
-            for lvl, f in enumerate(feats):
-                a = attention_map(f[r:r + 1].float()).view(f.shape[-2], f.shape[-1]).cpu()
-                ax = axes[r, 1 + j * levels + lvl]
-                ax.imshow(a, cmap="inferno")
-                if r == 0:
-                    ax.set_title(f"{name} L{lvl + 1}", fontsize=8)
-    for ax in axes.flat:
-        ax.axis("off")
-    fig.tight_layout()
-    return fig

@@ -213,8 +213,14 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
 
 def create_tapped_model(name: str, num_classes: int, *, in_chans: int | None = None,
                         feature_indices: Sequence[int] | None = None, checkpoint: str | None = None,
-                        mean=None, std=None, **timm_kwargs) -> TappedModel:
+                        mean=None, std=None, pretrained_file: str | None = None,
+                        **timm_kwargs) -> TappedModel:
     """Build timm model `name` (never downloading weights), load `checkpoint` if given, wrap it.
+
+    checkpoint: this exact architecture's weights, loaded strictly (a resumed or trained model).
+    pretrained_file: a local copy of the model's published (e.g. ImageNet) weights, loaded by timm's
+    own pretrained loader, which re-initialises a classifier of another class count and adapts the
+    stem to `in_chans`: fine-tuning a teacher from ImageNet weights without any hub access.
 
     in_chans None: 1 for rmsnet_* (grayscale-native students), 3 for everything else.
     mean/std None: (0.5,)/(0.25,) for 1-channel models, else the model's timm pretrained_cfg values.
@@ -225,9 +231,14 @@ def create_tapped_model(name: str, num_classes: int, *, in_chans: int | None = N
         in_chans = 1 if name.startswith("rmsnet_") else 3
     if name.startswith("rmsnet_"):
         import rmsnet.model  # noqa: F401  registers the variants with timm
+    if pretrained_file:
+        if not os.path.isfile(pretrained_file):
+            raise FileNotFoundError(f"pretrained weights {pretrained_file}: file not found")
+        timm_kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(pretrained_file)})
+    else:
+        timm_kwargs["pretrained"] = False
     try:
-        model = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans,
-                                  **timm_kwargs)
+        model = timm.create_model(name, num_classes=num_classes, in_chans=in_chans, **timm_kwargs)
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise ValueError(f"unknown timm model name {name!r}") from e

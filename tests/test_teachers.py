@@ -187,3 +187,19 @@ def test_tapped_model_rejects_images_with_wrong_channel_count_or_rank():
         tapped(torch.rand(1, 2, 16, 16))
     with pytest.raises(ValueError, match="b, c, h, w"):
         tapped(torch.rand(1, 16, 16))
+
+
+def test_pretrained_file_loads_published_weights_with_a_new_head_and_adapted_stem(tmp_path):
+    """ImageNet-style weights (1000 classes, RGB stem) start a 14-class grayscale model: backbone
+    copied, classifier re-initialised to the new class count, stem summed over RGB."""
+    import timm
+
+    published = timm.create_model("resnet18", num_classes=1000)
+    path = tmp_path / "resnet18_imagenet.pth"
+    torch.save(published.state_dict(), path)
+    tapped = create_tapped_model("resnet18", 14, in_chans=1, pretrained_file=str(path))
+    assert torch.equal(tapped.model.layer4[1].conv2.weight, published.layer4[1].conv2.weight)
+    assert tapped.model.fc.weight.shape == (14, 512)
+    torch.testing.assert_close(tapped.model.conv1.weight, published.conv1.weight.sum(1, keepdim=True))
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        create_tapped_model("resnet18", 14, pretrained_file=str(tmp_path / "missing.pth"))
