@@ -3,6 +3,7 @@
 Layout under the run directory:
 
     checkpoints/<stage>-e<epoch>-s<step>/   DeepSpeed checkpoint of the end of an epoch
+    checkpoints/<stage>-e<epoch>b<batch>-s<step>/   ... inside an epoch (train.checkpoint_every_steps)
     checkpoints/latest                      DeepSpeed's pointer, rewritten only after a complete save
     stages/<stage>/model.pt                 student (+ adapters) at the end of a stage: next stage's start
     final/model.pt                          the deployable student with its metadata
@@ -21,27 +22,31 @@ from pathlib import Path
 
 import torch
 
-from launcher.dist import barrier
+from launcher.dist import average_batchnorm_stats, barrier
 
-TAG = re.compile(r"^(?P<stage>[\w-]+)-e(?P<epoch>\d{4})-s(?P<step>\d{8})$")
+TAG = re.compile(r"^(?P<stage>[\w-]+?)-e(?P<epoch>\d{4})(b(?P<batch>\d{5}))?-s(?P<step>\d{8})$")
 
 
 @dataclass(frozen=True)
 class Position:
-    """Where a run stands: stage index, epochs completed in that stage, optimizer steps in total."""
+    """Where a run stands: stage index, epochs completed in that stage, optimizer steps in total,
+    and loader batches already consumed in the current epoch (0 at an epoch boundary)."""
     stage: int = 0
     epoch: int = 0
     step: int = 0
+    batch: int = 0
 
 
-def tag_for(stage_name: str, epoch: int, step: int) -> str:
-    return f"{stage_name}-e{epoch:04d}-s{step:08d}"
+def tag_for(stage_name: str, epoch: int, step: int, batch: int = 0) -> str:
+    inside = f"b{batch:05d}" if batch else ""
+    return f"{stage_name}-e{epoch:04d}{inside}-s{step:08d}"
 
 
 def save(engine, ckpt_dir: Path, stage_name: str, pos: Position, keep: int, is_main: bool) -> None:
-    tag = tag_for(stage_name, pos.epoch, pos.step)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag,
-                           client_state={"stage": pos.stage, "epoch": pos.epoch, "step": pos.step})
+    average_batchnorm_stats(engine.module)  # the state saved is every rank's state
+    tag = tag_for(stage_name, pos.epoch, pos.step, pos.batch)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={
+        "stage": pos.stage, "epoch": pos.epoch, "step": pos.step, "batch": pos.batch})
     barrier()
     if is_main and keep > 0:
         tags = sorted((d for d in ckpt_dir.iterdir() if d.is_dir() and TAG.match(d.name)),
@@ -79,7 +84,8 @@ def resume_position(resume: str, ckpt_dir: Path) -> tuple[str | None, Position]:
     if not found:
         raise FileNotFoundError(f"{ckpt_dir / tag}: no DeepSpeed model states ({' or '.join(names)})")
     state = torch.load(found[0], map_location="cpu", weights_only=False)
-    return tag, Position(int(state["stage"]), int(state["epoch"]), int(state["step"]))
+    return tag, Position(int(state["stage"]), int(state["epoch"]), int(state["step"]),
+                         int(state.get("batch", 0)))
 
 
 def consolidated_state_dict(engine) -> dict:
@@ -111,3 +117,25 @@ def load_student(task, path: Path) -> None:
     task.student.model.load_state_dict(saved["model"])
     if task.adapters is not None and saved["adapters"]:
         task.adapters.load_state_dict(saved["adapters"])
+
+
+class SampleLog:
+    """Per-rank record of the sample ids each optimizer step consumed (`train.log_sample_ids`).
+
+    On resume, lines of steps after the checkpoint (written before the crash, to be redone) are
+    dropped, so the file always reads as one uninterrupted run would have written it.
+    """
+
+    def __init__(self, run_dir: Path, rank: int, resume_step: int):
+        self.path = Path(run_dir) / "sample_ids" / f"rank{rank}.txt"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if self.path.is_file():
+            kept = [ln for ln in self.path.read_text().splitlines()
+                    if ln and int(ln.split()[0]) <= resume_step]
+        self.path.write_text("".join(ln + "\n" for ln in kept))
+        self.file = self.path.open("a")
+
+    def __call__(self, step: int, sids) -> None:
+        self.file.write(f"{step} " + " ".join(str(int(s)) for s in sids) + "\n")
+        self.file.flush()

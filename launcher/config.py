@@ -183,6 +183,11 @@ class TrainConfig:
     """Stop after this many optimizer steps in total (0 = run all epochs); for smoke tests."""
     keep_checkpoints: int = 2
     """Epoch checkpoints kept (newest first); 0 keeps all. The best student is kept apart."""
+    checkpoint_every_steps: int = 0
+    """Also checkpoint inside epochs every this many optimizer steps (0 = at epoch ends only);
+    a resumed run skips the batches already consumed, so it continues exactly."""
+    log_sample_ids: bool = False
+    """Write the sample ids of every step to <run>/sample_ids/rank<r>.txt (audits data order)."""
     early_stopping_patience: int = 0
     """Stop after this many validated epochs without a gain in validation mean AUROC (0 = off)."""
 

@@ -142,6 +142,7 @@ def main(argv=None) -> int:
                   + f", ZeRO-{cfg.train.zero_stage}, {precision}"
                   + (f" | resuming from {resume_tag}" if resume_tag else ""))
     progress = Progress(total_steps, env.is_main)
+    sample_log = ckpt.SampleLog(run_dir, env.rank, pos.step) if cfg.train.log_sample_ids else None
     best = BestTracker(run_dir, cfg.train.early_stopping_patience, env.is_main)
     val_loader = eval_loaders[cfg.data.val_split]
     stop = False
@@ -168,10 +169,17 @@ def main(argv=None) -> int:
         for epoch in range(first_epoch, stage.epochs):
             if step >= total_steps or stop:
                 break
+            def save_inside(batches: int, at_step: int, si=si, epoch=epoch, stage=stage, engine=engine):
+                ckpt.save(engine, ckpt_dir, stage.name, Position(si, epoch, at_step, batches),
+                          cfg.train.keep_checkpoints, env.is_main)
+            resuming_here = resume_tag and si == pos.stage and epoch == pos.epoch
             step = run_epoch(engine, teacher, train_loader_for(epoch), teacher_dtype=teacher_dtype,
                              student_dtype=student_dtype, accum=accum, step=step, last_step=total_steps,
                              log_every=cfg.train.log_every, global_batch=ds_config["train_batch_size"],
-                             monitor=monitor, progress=progress, epoch=epoch)
+                             monitor=monitor, progress=progress, epoch=epoch,
+                             skip_batches=pos.batch if resuming_here else 0,
+                             save_every=cfg.train.checkpoint_every_steps, save=save_inside,
+                             sample_log=sample_log)
             if stage.loss.task_weight > 0 or stage.loss.kd_weight > 0:  # the head is trained
                 engine.eval()  # BatchNorm must use (not update) its running statistics
                 val = evaluate_split(engine.module.student.forward_logits, val_loader, engine.device,

@@ -67,11 +67,13 @@ def predict(forward_logits, loader, device, multilabel: bool):
 
 def run_epoch(engine, teacher, loader, *, teacher_dtype, student_dtype, accum: int, step: int,
               last_step: int, log_every: int, global_batch: int, monitor, progress, epoch: int,
-              skip_batches: int = 0) -> int:
+              skip_batches: int = 0, save_every: int = 0, save=None, sample_log=None) -> int:
     """Train one epoch (or until `last_step`); log every `log_every` optimizer steps; return step.
 
     The loader is always drained to its end (DALI requires it before the next pipeline starts);
     batches after `last_step`, and the first `skip_batches` (mid-epoch resume), are read but not used.
+    Every `save_every` optimizer steps inside the epoch, `save(batches_done, step)` checkpoints;
+    `sample_log(step, sids)`, when given, records which samples each step consumed.
     """
     engine.train()
     t_log, last_log = time.perf_counter(), step
@@ -82,9 +84,13 @@ def run_epoch(engine, teacher, loader, *, teacher_dtype, student_dtype, accum: i
         timings = {} if log_now else None
         batch["image"] = batch["image"].to(student_dtype)
         terms = train_step(engine, teacher, batch, teacher_dtype, timings)
+        if sample_log is not None:
+            sample_log(step + 1, batch["sid"])
         if (i + 1) % accum:
             continue
         step += 1
+        if save_every and step % save_every == 0 and i + 1 < len(loader) and step < last_step:
+            save(i + 1, step)
         if log_now:  # the only place that syncs with .item()
             dt = time.perf_counter() - t_log
             values = {k: terms[k].item() for k in ("loss",) + TERMS if k in terms}

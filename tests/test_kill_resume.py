@@ -1,0 +1,78 @@
+"""A run killed with SIGKILL mid-epoch and resumed with `--resume auto` ends exactly where an
+uninterrupted run ends: same parameters, same sequence of samples per rank.
+
+Two CPU ranks through the real `deepspeed` launcher; marked slow, run in CI.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from _launch import REPO, deepspeed_cmd, run
+from rmsnet.teachers import create_tapped_model
+
+CFG = REPO / "launcher" / "configs" / "demo_distill.yaml"
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("kill_teacher") / "model.pt"
+    torch.save({"model": create_tapped_model("resnet18", 14, in_chans=3).model.state_dict()}, path)
+    return path
+
+
+def _args(shards, out, teacher):
+    # 2 ranks x batch 2 over the fixture's train split: several steps per epoch, so a checkpoint
+    # every 2 steps lands inside an epoch.
+    return ["--config", str(CFG), "--set", f"data.shards={shards}", "--set", f"run.out_dir={out}",
+            "--set", f"teacher.checkpoint={teacher}", "--set", "data.image_size=48",
+            "--set", "train.batch_size_per_gpu=2", "--set", "train.epochs=2",
+            "--set", "train.checkpoint_every_steps=2", "--set", "train.keep_checkpoints=0",
+            "--set", "train.log_sample_ids=true", "--set", "train.log_every=1"]
+
+
+def _kill_after(cmd, step: int) -> str:
+    """Start `cmd` in its own process group; SIGKILL the whole group once `step` is logged."""
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    seen, deadline = [], time.time() + 400
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if f"[step {step:>6}/" in line or time.time() > deadline:
+                break
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    return "".join(seen)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_auto_matches_the_uninterrupted_run(cxr_shards, teacher, tmp_path):
+    full = run(deepspeed_cmd(2, *_args(cxr_shards, tmp_path / "full", teacher)))
+    assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
+
+    out = _kill_after(deepspeed_cmd(2, *_args(cxr_shards, tmp_path / "killed", teacher)), step=5)
+    assert "[step      5/" in out, out[-3000:]
+    ckpts = tmp_path / "killed" / "student" / "checkpoints"
+    assert any("b0" in d.name for d in ckpts.iterdir()), "no checkpoint inside an epoch was written"
+    resumed = run(deepspeed_cmd(2, *_args(cxr_shards, tmp_path / "killed", teacher), "--resume", "auto"))
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resuming from main-e" in resumed.stdout
+
+    a = torch.load(tmp_path / "full" / "student" / "final" / "model.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "killed" / "student" / "final" / "model.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    for rank in (0, 1):
+        ids_full = (tmp_path / "full" / "student" / "sample_ids" / f"rank{rank}.txt").read_text()
+        ids_resumed = (tmp_path / "killed" / "student" / "sample_ids" / f"rank{rank}.txt").read_text()
+        assert ids_full == ids_resumed and ids_full.count("\n") > 5
