@@ -31,3 +31,13 @@ def python_cmd(*args) -> list[str]:
 def run(cmd, timeout=420) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def tiny_run_args(config: Path, shards, out_dir, teacher, *overrides: str) -> list[str]:
+    """distill.py arguments for a tiny real run: 48-pixel images, the given `key=value` overrides."""
+    args = ["--config", str(config), "--set", f"data.shards={shards}", "--set", f"run.out_dir={out_dir}",
+            "--set", f"teacher.checkpoint={teacher}", "--set", "data.image_size=48",
+            "--set", "train.log_every=1"]
+    for o in overrides:
+        args += ["--set", o]
+    return args

@@ -55,3 +55,29 @@ def us_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def us_shards(tmp_path_factory, us_root) -> Path:
     return _build("fetal_planes", us_root, tmp_path_factory.mktemp("us_shards"))
+
+
+def _random_teacher(tmp_path_factory, classes: int) -> Path:
+    """A resnet18 teacher checkpoint in the format the project writes; random weights are enough
+    to exercise distillation end to end."""
+    import torch
+
+    from rmsnet.teachers import create_tapped_model
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp(f"teacher{classes}") / "model.pt"
+    torch.save({"model": create_tapped_model("resnet18", classes, in_chans=3).model.state_dict(),
+                "meta": {"arch": "resnet18"}}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def random_teacher(tmp_path_factory) -> Path:
+    """Teacher checkpoint for the 14 chest findings."""
+    return _random_teacher(tmp_path_factory, 14)
+
+
+@pytest.fixture(scope="session")
+def us_teacher(tmp_path_factory) -> Path:
+    """Teacher checkpoint for the 6 fetal planes."""
+    return _random_teacher(tmp_path_factory, 6)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _launch import REPO, deepspeed_cmd, python_cmd, run
+from _launch import REPO, deepspeed_cmd, python_cmd, run, tiny_run_args
 from data_pipeline.loader import build_loader
 from launcher.validation import evaluate_split
 from rmsnet.teachers import create_tapped_model
@@ -19,22 +19,9 @@ from rmsnet.teachers import create_tapped_model
 DISTILL_CFG = REPO / "launcher" / "configs" / "demo_distill.yaml"
 
 
-@pytest.fixture(scope="module")
-def random_teacher(tmp_path_factory) -> Path:
-    """A resnet18 teacher checkpoint in the format the project writes (random weights suffice)."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teacher") / "model.pt"
-    model = create_tapped_model("resnet18", 14, in_chans=3)
-    torch.save({"model": model.model.state_dict(), "meta": {"arch": "resnet18"}}, path)
-    return path
-
-
 def _tiny(shards, out_dir, teacher, *extra) -> list[str]:
-    return ["--config", str(DISTILL_CFG), "--set", f"data.shards={shards}",
-            "--set", f"run.out_dir={out_dir}", "--set", f"teacher.checkpoint={teacher}",
-            "--set", "data.image_size=48", "--set", "train.batch_size_per_gpu=4",
-            "--set", "train.max_steps=3", "--set", "train.log_every=1", "--set", "train.warmup_steps=1",
-            *extra]
+    return tiny_run_args(DISTILL_CFG, shards, out_dir, teacher, "train.batch_size_per_gpu=4",
+                         "train.max_steps=3", "train.warmup_steps=1") + list(extra)
 
 
 @pytest.mark.slow

@@ -11,8 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _launch import REPO, deepspeed_cmd, python_cmd, run
-from rmsnet.teachers import create_tapped_model
+from _launch import REPO, deepspeed_cmd, python_cmd, run, tiny_run_args
 
 CFG = REPO / "launcher" / "configs" / "demo_distill.yaml"
 # fp32 SGD: the update is linear in the gradient, so only summation order differs (observed max
@@ -21,19 +20,9 @@ CFG = REPO / "launcher" / "configs" / "demo_distill.yaml"
 TOLERANCE = dict(rtol=1e-5, atol=1e-6)
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("eq_teacher") / "model.pt"
-    torch.save({"model": create_tapped_model("resnet18", 14, in_chans=3).model.state_dict()}, path)
-    return path
-
-
 def _args(shards, out, teacher, *extra):
-    return ["--config", str(CFG), "--set", f"data.shards={shards}", "--set", f"run.out_dir={out}",
-            "--set", f"teacher.checkpoint={teacher}", "--set", "data.image_size=48",
-            "--set", "train.batch_size_per_gpu=4", "--set", "train.max_steps=4",
-            "--set", "train.log_every=1", "--set", "train.optimizer=sgd", *extra]
+    return tiny_run_args(CFG, shards, out, teacher, "train.batch_size_per_gpu=4", "train.max_steps=4",
+                         "train.optimizer=sgd") + list(extra)
 
 
 def _params(path):
@@ -43,7 +32,8 @@ def _params(path):
 
 
 @pytest.fixture(scope="module")
-def single_process(cxr_shards, teacher, tmp_path_factory):
+def single_process(cxr_shards, random_teacher, tmp_path_factory):
+    teacher = random_teacher
     out = tmp_path_factory.mktemp("eq_single")
     proc = run(python_cmd(*_args(cxr_shards, out, teacher, "--set", "data.emulate_world_size=2",
                                  "--set", "train.gradient_accumulation_steps=2")))
@@ -54,7 +44,8 @@ def single_process(cxr_shards, teacher, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_two_rank_zero_training_equals_one_process_on_the_same_global_batches(
-        zero_stage, single_process, cxr_shards, teacher, tmp_path):
+        zero_stage, single_process, cxr_shards, random_teacher, tmp_path):
+    teacher = random_teacher
     proc = run(deepspeed_cmd(2, *_args(cxr_shards, tmp_path, teacher,
                                        "--set", f"train.zero_stage={zero_stage}")))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -9,33 +9,21 @@ import os
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from _launch import REPO, deepspeed_cmd, run
-from rmsnet.teachers import create_tapped_model
+from _launch import REPO, deepspeed_cmd, run, tiny_run_args
 
 CFG = REPO / "launcher" / "configs" / "demo_distill.yaml"
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("kill_teacher") / "model.pt"
-    torch.save({"model": create_tapped_model("resnet18", 14, in_chans=3).model.state_dict()}, path)
-    return path
 
 
 def _args(shards, out, teacher):
     # 2 ranks x batch 2 over the fixture's train split: several steps per epoch, so a checkpoint
     # every 2 steps lands inside an epoch.
-    return ["--config", str(CFG), "--set", f"data.shards={shards}", "--set", f"run.out_dir={out}",
-            "--set", f"teacher.checkpoint={teacher}", "--set", "data.image_size=48",
-            "--set", "train.batch_size_per_gpu=2", "--set", "train.epochs=2",
-            "--set", "train.checkpoint_every_steps=2", "--set", "train.keep_checkpoints=0",
-            "--set", "train.log_sample_ids=true", "--set", "train.log_every=1"]
+    return tiny_run_args(CFG, shards, out, teacher, "train.batch_size_per_gpu=2", "train.epochs=2",
+                         "train.checkpoint_every_steps=2", "train.keep_checkpoints=0",
+                         "train.log_sample_ids=true")
 
 
 def _kill_after(cmd, step: int) -> str:
@@ -55,7 +43,9 @@ def _kill_after(cmd, step: int) -> str:
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_auto_matches_the_uninterrupted_run(cxr_shards, teacher, tmp_path):
+def test_sigkill_mid_epoch_then_resume_auto_matches_the_uninterrupted_run(cxr_shards, random_teacher,
+                                                                         tmp_path):
+    teacher = random_teacher
     full = run(deepspeed_cmd(2, *_args(cxr_shards, tmp_path / "full", teacher)))
     assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
 

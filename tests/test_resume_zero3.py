@@ -8,30 +8,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from _launch import REPO, deepspeed_cmd, run
-from rmsnet.teachers import create_tapped_model
+from _launch import REPO, deepspeed_cmd, run, tiny_run_args
 
 CFG = REPO / "launcher" / "configs" / "demo_distill.yaml"
 BATCH = 4
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("zero3_teacher") / "model.pt"
-    torch.save({"model": create_tapped_model("resnet18", 14, in_chans=3).model.state_dict()}, path)
-    return path
-
-
 def _args(shards, out, teacher, *extra):
-    return ["--config", str(CFG), "--set", f"data.shards={shards}", "--set", f"run.out_dir={out}",
-            "--set", f"teacher.checkpoint={teacher}", "--set", "data.image_size=48",
-            "--set", f"train.batch_size_per_gpu={BATCH}", "--set", "train.epochs=2",
-            "--set", "train.zero_stage=3", "--set", "train.log_every=1", *extra]
+    return tiny_run_args(CFG, shards, out, teacher, f"train.batch_size_per_gpu={BATCH}", "train.epochs=2",
+                         "train.zero_stage=3") + list(extra)
 
 
 @pytest.mark.slow
-def test_zero3_run_resumed_after_one_epoch_matches_the_uninterrupted_run(cxr_shards, teacher, tmp_path):
+def test_zero3_run_resumed_after_one_epoch_matches_the_uninterrupted_run(cxr_shards, random_teacher,
+                                                                       tmp_path):
+    teacher = random_teacher
     n = json.loads((Path(cxr_shards) / "manifest.json").read_text())["splits"]["train"]["samples"]
     steps_per_epoch = math.ceil(math.ceil(n / 2) / BATCH)
     full = run(deepspeed_cmd(2, *_args(cxr_shards, tmp_path / "full", teacher)))

@@ -10,9 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from rmsnet.teachers import create_tapped_model
-from _launch import REPO, deepspeed_cmd, run
+from _launch import REPO, deepspeed_cmd, run, tiny_run_args
 
 CFG = REPO / "launcher" / "configs" / "synthetic_us_two_stage.yaml"
 STAGES = ("stages=[{name: hint, epochs: 1, loss: {task_weight: 0, kd_weight: 0, hint_weight: 1.0}},"
@@ -20,19 +18,9 @@ STAGES = ("stages=[{name: hint, epochs: 1, loss: {task_weight: 0, kd_weight: 0, 
 BATCH = 4
 
 
-@pytest.fixture(scope="module")
-def us_teacher(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("us_teacher") / "model.pt"
-    torch.save({"model": create_tapped_model("resnet18", 6, in_chans=3).model.state_dict()}, path)
-    return path
-
-
 def _args(shards, out, teacher, *extra):
-    return ["--config", str(CFG), "--set", f"data.shards={shards}", "--set", f"run.out_dir={out}",
-            "--set", f"teacher.checkpoint={teacher}", "--set", "data.image_size=48",
-            "--set", f"train.batch_size_per_gpu={BATCH}", "--set", "train.log_every=1",
-            "--set", "train.keep_checkpoints=0", "--set", STAGES, *extra]
+    return tiny_run_args(CFG, shards, out, teacher, f"train.batch_size_per_gpu={BATCH}",
+                         "train.keep_checkpoints=0", STAGES) + list(extra)
 
 
 def _steps_per_epoch(shards, ranks=2) -> int:
