@@ -1,0 +1,459 @@
+"""Distillation step overhead: the project's DeepSpeed step against a hand-written PyTorch loop.
+
+    python bench/distill_step.py                                  # demo config: batch 32, 64 px
+    python bench/distill_step.py --steps 20 --rounds 7 --threads 2
+    python bench/distill_step.py --steps 2 --rounds 1 --batch-size 4 --image-size 48   # smoke
+
+Both paths train the same models (an `rmsnet_xxs` student against a `resnet18` teacher loaded from
+a random-init checkpoint written here) on the same pre-loaded batches with the same objective
+(focal + multi-label KD + attention transfer + similarity preserving, the config's weights), in one
+process, with the same number of torch threads:
+
+* project: config -> `DistillTask` (launcher.distill.build_task) -> `deepspeed.initialize` with the
+  generated DeepSpeed JSON (ZeRO-2, fp32, AdamW, WarmupCosineLR, gradient clipping; one process
+  through `launcher.dist.init_distributed`) -> teacher in `deepspeed.init_inference`
+  (launcher.distill.build_teacher) -> `launcher.engine.train_step`, as `run_epoch` calls it.
+* hand-written: the frozen teacher under no_grad, the student forward, the rmsnet.losses functions
+  summed with the same weights, backward, `clip_grad_norm_`, `torch.optim.AdamW` with the same
+  learning rate at every step (DeepSpeed's WarmupCosineLR, recomputed here), `zero_grad`.
+
+Data loading is excluded from the ratio (both paths cycle through the same `--batches` batches,
+read once with the project's loader) and timed on its own: the DALI (CPU-only mode) training
+loader, a fresh one each round. After warm-up, `--rounds` rounds of `--steps` steps run each path in
+turn (the first path alternating), then `--split-rounds` rounds with per-phase timers (kept apart so
+their device syncs on a GPU cannot touch the throughput figure). Figures are medians (DESIGN.md §5).
+
+Memory, CPU: resident set size (RSS) from /proc, after glibc's malloc_trim (so memory freed by one
+path is not counted for the next): persistent growth of each path's setup plus first step, and the
+peak above the resting RSS during one step (a sampling thread; glibc's mmap threshold is fixed at
+128 KiB for that measurement so freed activations leave the RSS). GPU: torch.cuda allocator stats.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import gc
+import logging
+import math
+import os
+import resource
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from _common import REPO, RESULTS, machine, median, table, write_json
+
+import torch  # noqa: E402  (after _common, which puts the repo on sys.path)
+
+from data_pipeline.loader import build_loader  # noqa: E402
+from data_pipeline.loader_common import AugmentSpec, read_manifest  # noqa: E402
+from launcher.config import deepspeed_config, load_config  # noqa: E402
+from launcher.dist import init_distributed, shutdown  # noqa: E402
+from launcher.distill import build_task, build_teacher  # noqa: E402
+from launcher.engine import train_step  # noqa: E402
+from rmsnet.losses import (attention_transfer_loss, focal_loss, kd_loss,  # noqa: E402
+                           similarity_preserving_loss)
+from rmsnet.teachers import create_tapped_model, create_teacher  # noqa: E402
+
+PATHS = ("project", "hand")
+LABELS = {"project": "project (DeepSpeed ZeRO-2 + train_step)", "hand": "hand-written torch loop"}
+MiB = 2 ** 20
+
+
+# ----------------------------------------------------------------------------------- memory
+_LIBC = None
+try:
+    _LIBC = ctypes.CDLL("libc.so.6")
+    _LIBC.malloc_trim(0)
+except (OSError, AttributeError):  # not glibc: RSS figures are then rough (freed memory is kept)
+    _LIBC = None
+
+
+def rss_bytes() -> int | None:
+    """Current resident set size of this process, after handing freed heap memory back."""
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return None
+
+
+class PeakRss:
+    """Highest RSS seen (polled every 0.5 ms from a thread) while the `with` body runs."""
+
+    def __enter__(self):
+        self.base = self.peak = rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        if self.base is not None:
+            self._thread.start()
+        return self
+
+    def _poll(self):
+        statm, page = Path("/proc/self/statm"), os.sysconf("SC_PAGE_SIZE")
+        while not self._stop.is_set():
+            self.peak = max(self.peak, int(statm.read_text().split()[1]) * page)
+            time.sleep(5e-4)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+def mib(n) -> float | None:
+    return None if n is None else round(n / MiB, 1)
+
+
+# ------------------------------------------------------------------------- the hand-written loop
+def warmup_cosine_lr(k: int, base_lr: float, p: dict) -> float:
+    """The learning rate of the k-th optimizer step (0-based) under DeepSpeed's WarmupCosineLR with
+    `p` (its JSON params, linear warmup): the scheduler starts at iteration -1 (lr 0) and is stepped
+    after each optimizer step, so step k uses the ratio of iteration k - 1."""
+    i = k - 1
+    if i < 0:
+        return 0.0
+    warm = max(2, p["warmup_num_steps"])
+    if i < warm:
+        return base_lr * (p["warmup_min_ratio"] + i / warm * (1 - p["warmup_min_ratio"]))
+    progress = min(1.0, (i - warm + 1) / max(1, p["total_num_steps"] - warm))
+    cos = (1 + math.cos(math.pi * progress)) / 2
+    return base_lr * max(0.0, p["cos_min_ratio"] + (1 - p["cos_min_ratio"]) * cos)
+
+
+class HandLoop:
+    """Plain PyTorch: the same computation as DistillTask + DeepSpeed, without either."""
+
+    def __init__(self, teacher, student, loss_cfg, multilabel: bool, ds_config: dict):
+        self.teacher, self.student, self.c, self.multilabel = teacher, student, loss_cfg, multilabel
+        opt = ds_config["optimizer"]["params"]
+        self.base_lr, self.clip = opt["lr"], ds_config["gradient_clipping"]
+        self.schedule = ds_config["scheduler"]["params"]
+        self.opt = torch.optim.AdamW(student.parameters(), lr=opt["lr"], betas=tuple(opt["betas"]),
+                                     eps=opt["eps"], weight_decay=opt["weight_decay"])
+        self.k = 0  # optimizer steps taken
+
+    def lr(self) -> float:
+        return warmup_cosine_lr(self.k, self.base_lr, self.schedule)
+
+    def step(self, batch: dict, timings: dict | None = None) -> dict:
+        x, y = batch["image"], batch["label"]  # (b, 1, s, s), (b, C)
+        c, sync = self.c, (torch.cuda.synchronize if (timings is not None and x.is_cuda) else (lambda: None))
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            t_logits, t_feats = self.teacher(x)  # (b, C), [(b, c_i, h_i, w_i)]
+        sync()
+        t1 = time.perf_counter()
+        logits, feats = self.student(x)
+        terms = {"task": focal_loss(logits, y if self.multilabel else y.argmax(1), alpha=c.focal_alpha,
+                                    gamma=c.focal_gamma, multilabel=self.multilabel),
+                 "kd": kd_loss(logits, t_logits, temperature=c.temperature, multilabel=self.multilabel),
+                 "at": attention_transfer_loss(feats, t_feats),
+                 "sp": similarity_preserving_loss(feats, t_feats)}
+        weights = {"task": c.task_weight, "kd": c.kd_weight, "at": c.at_weight, "sp": c.sp_weight}
+        loss = sum(weights[k] * v for k, v in terms.items())
+        sync()
+        t2 = time.perf_counter()
+        loss.backward()
+        sync()
+        t3 = time.perf_counter()
+        if self.clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.clip)
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.k += 1
+        sync()
+        if timings is not None:
+            timings.update(teacher_s=t1 - t0, forward_s=t2 - t1, backward_s=t3 - t2,
+                           optimizer_s=time.perf_counter() - t3)
+            timings["student_s"] = timings["forward_s"] + timings["backward_s"] + timings["optimizer_s"]
+        return {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}}
+
+
+# ----------------------------------------------------------------------------------- setup
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, default=REPO / "launcher/configs/demo_distill.yaml")
+    p.add_argument("--shards", default=None,
+                   help="shard directory (default: the config's data.shards when it exists); "
+                        "'none' = random tensors and no data-loading figure")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--image-size", type=int, default=64, help="the demo's 64")
+    p.add_argument("--steps", type=int, default=20, help="steps per path per round")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved throughput rounds")
+    p.add_argument("--split-rounds", type=int, default=3, help="interleaved rounds with phase timers")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps per path")
+    p.add_argument("--batches", type=int, default=4, help="distinct pre-loaded batches, cycled")
+    p.add_argument("--loader-batches", type=int, default=40, help="batches timed per data-loading round")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads, both paths")
+    p.add_argument("--out", type=Path, default=RESULTS / "distill_step.json")
+    a = p.parse_args(argv)
+    if min(a.steps, a.rounds, a.batches, a.threads, a.batch_size) < 1 or a.split_rounds < 0:
+        p.error("--steps, --rounds, --batches, --threads, --batch-size must be >= 1")
+    return a
+
+
+def preload(cfg, shards, manifest, a, device) -> list[dict]:
+    """`--batches` training batches from the project's loader (or random), cloned and on device."""
+    if shards is None:
+        g = torch.Generator().manual_seed(0)
+        c = len(manifest["label_names"])
+        batches = [{"image": torch.rand(a.batch_size, 1, a.image_size, a.image_size, generator=g),
+                    "label": (torch.rand(a.batch_size, c, generator=g) < 0.2).float()}
+                   for _ in range(a.batches)]
+    else:
+        loader = make_loader(cfg, shards, 0, device)
+        batches = []
+        while len(batches) < a.batches:  # a small split is read again
+            for b in loader:
+                if len(batches) < a.batches:
+                    batches.append({"image": b["image"].clone(), "label": b["label"].clone()})
+        del loader
+    return [{k: v.to(device) for k, v in b.items()} for b in batches]
+
+
+def make_loader(cfg, shards, epoch: int, device):
+    d, x = cfg.data, cfg.data.augment
+    return build_loader(shards, d.train_split, backend=d.loader, batch_size=cfg.train.batch_size_per_gpu,
+                        image_size=d.image_size, train=True, rank=0, world_size=1,
+                        device_id=device.index if device.type == "cuda" else None,
+                        num_threads=d.num_threads, seed=cfg.run.seed, epoch=epoch,
+                        augment=AugmentSpec(tuple(x.crop_scale), x.hflip, x.rotate_degrees,
+                                            x.brightness, x.contrast))
+
+
+def time_loading(cfg, shards, epoch: int, limit: int, device) -> dict:
+    """One fresh training loader: build time, first batch (pipeline start-up), then ms per batch."""
+    t0 = time.perf_counter()
+    loader = make_loader(cfg, shards, epoch, device)
+    built = time.perf_counter() - t0
+    it = iter(loader)
+    t0 = time.perf_counter()
+    next(it)
+    first = time.perf_counter() - t0
+    n, t0 = 0, time.perf_counter()
+    for _ in range(min(limit, len(loader) - 1)):
+        next(it)
+        n += 1
+    dt = time.perf_counter() - t0
+    del it, loader
+    gc.collect()  # stop DALI's threads before the compute rounds
+    return {"build_s": built, "first_batch_s": first, "batches": n,
+            "ms_per_batch": dt / n * 1e3 if n else None}
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    work = Path(tempfile.mkdtemp(prefix="distill_step_"))
+    base_cfg = load_config(a.config, [f"teacher.checkpoint={work / 'teacher.pt'}"])
+    shards = a.shards if a.shards is not None else base_cfg.data.shards
+    if shards in ("none", "") or not (Path(shards) / "manifest.json").is_file():
+        if a.shards not in (None, "none"):
+            raise SystemExit(f"error: --shards {shards}: no manifest.json")
+        shards = None
+    manifest = read_manifest(shards) if shards else {
+        "label_names": [f"class{i}" for i in range(14)], "multilabel": True}
+    classes = len(manifest["label_names"])
+    warmup_total = 1 + a.warmup
+    total_steps = warmup_total + (a.rounds + a.split_rounds) * a.steps + 1  # +1: the memory step
+    cfg = load_config(a.config, [f"teacher.checkpoint={work / 'teacher.pt'}",
+                                 f"train.batch_size_per_gpu={a.batch_size}", f"data.image_size={a.image_size}",
+                                 "train.precision=fp32", "teacher.dtype=fp32", f"run.out_dir={work}"]
+                      + ([f"data.shards={shards}"] if shards else []))
+    stage = cfg.resolved_stages()[0]
+    if stage.loss.hint_weight > 0 or stage.loss.sp_global_batch:
+        raise SystemExit("error: the hand-written loop covers focal + KD + AT + SP (no hint, no global SP)")
+
+    env = init_distributed()  # world 1, gloo on CPU / nccl on a GPU
+    torch.set_num_threads(a.threads)  # init_distributed sets cores // local ranks; both paths get this
+    import deepspeed
+    info = machine()
+    cuda = env.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    # The teacher checkpoint: random weights, written and strictly read back like a trained one.
+    torch.manual_seed(cfg.run.seed)
+    t = create_tapped_model(cfg.teacher.name, classes, in_chans=cfg.teacher.in_chans)
+    torch.save(t.model.state_dict(), work / "teacher.pt")
+    del t
+    batches = preload(cfg, shards, manifest, a, env.device)
+    mem = {"rss_start": rss_bytes()}
+
+    # (a) the project path, exactly as launcher/distill.py builds it.
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        cuda_start = torch.cuda.memory_allocated()
+    teacher_ds, teacher_dtype = build_teacher(cfg, env, classes)
+    torch.manual_seed(cfg.run.seed)
+    task = build_task(cfg, stage, manifest, teacher_ds)
+    student_init = copy.deepcopy(task.student.state_dict())
+    ds_config = deepspeed_config(cfg, env.world_size, total_steps, "fp32", stage)
+    engine, *_ = deepspeed.initialize(model=task, config=ds_config,
+                                      model_parameters=[p for p in task.parameters() if p.requires_grad])
+    engine.train()
+
+    def project_step(batch, timings=None):
+        batch = dict(batch, image=batch["image"].to(torch.float32))  # what run_epoch does per step
+        return train_step(engine, teacher_ds, batch, teacher_dtype, timings)
+
+    lr_checks = [(engine.get_lr()[0], warmup_cosine_lr(0, ds_config["optimizer"]["params"]["lr"],
+                                                       ds_config["scheduler"]["params"]))]
+    first = {"project": {k: v.item() for k, v in project_step(batches[0]).items()}}
+    sync()
+    mem["rss_after_project"] = rss_bytes()
+    if cuda:
+        mem["cuda_after_project"] = torch.cuda.memory_allocated()
+
+    # (b) the hand-written loop: its own teacher (same checkpoint), the student's initial weights.
+    teacher = create_teacher(cfg.teacher.name, classes, checkpoint=cfg.teacher.checkpoint,
+                             in_chans=cfg.teacher.in_chans, feature_indices=cfg.teacher.feature_indices)
+    student = create_tapped_model(cfg.student.name, classes, in_chans=cfg.student.in_chans,
+                                  feature_indices=cfg.student.feature_indices, drop_rate=cfg.student.drop_rate)
+    student.load_state_dict(student_init)
+    teacher.to(env.device), student.to(env.device).train()
+    hand = HandLoop(teacher, student, stage.loss, manifest["multilabel"], ds_config)
+    first["hand"] = {k: v.item() for k, v in hand.step(batches[0]).items()}
+    sync()
+    mem["rss_after_hand"] = rss_bytes()
+    if cuda:
+        mem["cuda_after_hand"] = torch.cuda.memory_allocated()
+    steppers = {"project": project_step, "hand": lambda b, timings=None: hand.step(b, timings)}
+
+    i = {"project": 1, "hand": 1}  # next batch index per path: both see the same sequence
+
+    def run(path, n, timings_list=None):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            timings = {} if timings_list is not None else None
+            steppers[path](batches[i[path] % len(batches)], timings)
+            i[path] += 1
+            if timings is not None:
+                timings_list.append(timings)
+        sync()
+        return time.perf_counter() - t0
+
+    for path in PATHS:
+        run(path, a.warmup)
+    lr_checks.append((engine.get_lr()[0], hand.lr()))
+
+    print(f"{cfg.student.name} <- {cfg.teacher.name} | batch {a.batch_size} x {a.image_size} px | "
+          f"{'shards ' + shards if shards else 'random tensors'} | {a.threads} threads | "
+          f"{a.rounds} x {a.steps} steps per path | {env.device}", flush=True)
+    rounds, loading = [], []
+    for r in range(a.rounds):
+        if shards:
+            loading.append(time_loading(cfg, shards, r + 1, a.loader_batches, env.device))
+        row = {"round": r, "load_1min": round(os.getloadavg()[0], 2)}
+        for path in (PATHS if r % 2 == 0 else PATHS[::-1]):
+            row[f"{path}_samples_per_s"] = a.steps * a.batch_size / run(path, a.steps)
+        row["ratio"] = row["project_samples_per_s"] / row["hand_samples_per_s"]
+        rounds.append(row)
+        print(f"  round {r}: project {row['project_samples_per_s']:.1f}, hand "
+              f"{row['hand_samples_per_s']:.1f} samples/s, ratio {row['ratio']:.3f}", flush=True)
+    split = {p: [] for p in PATHS}
+    for r in range(a.split_rounds):
+        for path in (PATHS if r % 2 == 0 else PATHS[::-1]):
+            run(path, a.steps, split[path])
+    lr_checks.append((engine.get_lr()[0], hand.lr()))
+
+    # Peak memory of one step per path (after the timing: this changes glibc's malloc behaviour).
+    if _LIBC is not None:
+        _LIBC.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: fixed, so big freed blocks leave the RSS
+    step_peak = {}
+    for path in PATHS:
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            run(path, 1)
+            step_peak[path] = torch.cuda.max_memory_allocated() - before
+        else:
+            with PeakRss() as pk:
+                run(path, 1)
+            step_peak[path] = None if pk.base is None else pk.peak - pk.base
+
+    # ---------------------------------------------------------------------------- report
+    sps = {p: [r[f"{p}_samples_per_s"] for r in rounds] for p in PATHS}
+    med = {p: median(sps[p]) for p in PATHS}
+    ratio = median([r["ratio"] for r in rounds])  # paired per round: the rounds share the load
+    overhead = (1 / ratio - 1) * 100  # extra time per step of the project path
+    phases = ("teacher_s", "student_s", "forward_s", "backward_s", "optimizer_s")
+    split_ms = {p: {k: median([t[k] for t in split[p]]) * 1e3 for k in phases if split[p] and k in split[p][0]}
+                for p in PATHS}
+    load_ms = median([x["ms_per_batch"] for x in loading if x["ms_per_batch"]]) if loading else None
+    rows = [[LABELS[p], med[p], a.batch_size / med[p] * 1e3, min(sps[p]), max(sps[p])] for p in PATHS]
+    print("\n" + table(["path", "samples/s (median)", "ms/step", "min", "max"], rows))
+    print(f"\nproject / hand-written = {ratio:.3f} (median of {a.rounds} paired rounds); "
+          f"overhead {overhead:+.1f} % of step time (target < 5 %)")
+    if split_ms["project"]:
+        def cell(p, k):
+            return split_ms[p].get(k)
+        rows = [["data loading (DALI CPU, per batch; excluded above)", load_ms, load_ms],
+                ["teacher forward", cell("project", "teacher_s"), cell("hand", "teacher_s")],
+                ["student forward + loss", None, cell("hand", "forward_s")],
+                ["student backward", None, cell("hand", "backward_s")],
+                ["clip + optimizer step + zero_grad", None, cell("hand", "optimizer_s")],
+                ["student total (fwd + bwd + step)", cell("project", "student_s"), cell("hand", "student_s")]]
+        print("\n" + table(["phase (median ms per step)", "project", "hand-written"], rows))
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    if cuda:
+        persistent = {"project": mem["cuda_after_project"] - cuda_start,
+                      "hand": mem["cuda_after_hand"] - mem["cuda_after_project"]}
+    elif mem["rss_start"] is not None:
+        persistent = {"project": mem["rss_after_project"] - mem["rss_start"],
+                      "hand": mem["rss_after_hand"] - mem["rss_after_project"]}
+    else:
+        persistent = {p: None for p in PATHS}
+    kind = "CUDA allocated" if cuda else "RSS"
+    print("\n" + table([f"memory (MiB, {kind})", "setup + first step (persistent)", "peak during a step"],
+                       [[LABELS[p], mib(persistent[p]), mib(step_peak[p])] for p in PATHS]))
+    print(f"process peak RSS (ru_maxrss): {mib(maxrss)} MiB")
+    loss_diff = abs(first["project"]["loss"] - first["hand"]["loss"])
+    print(f"first-step loss: project {first['project']['loss']:.6f}, hand {first['hand']['loss']:.6f} "
+          f"(|diff| {loss_diff:.2e}); lr project/hand at steps 0, {warmup_total}, "
+          f"{i['hand'] - 1}: {[(round(x, 8), round(y, 8)) for x, y in lr_checks]}")
+
+    result = {
+        "machine": info,
+        "config": {"config": str(a.config), "student": cfg.student.name, "teacher": cfg.teacher.name,
+                   "batch_size": a.batch_size, "image_size": a.image_size, "steps": a.steps,
+                   "rounds": a.rounds, "split_rounds": a.split_rounds, "warmup": a.warmup,
+                   "batches": a.batches, "threads": a.threads, "data": shards or "random",
+                   "device": str(env.device), "loss_weights": {k: getattr(stage.loss, k) for k in (
+                       "task_weight", "kd_weight", "at_weight", "sp_weight", "temperature",
+                       "focal_alpha", "focal_gamma")},
+                   "deepspeed": ds_config},
+        "rounds": rounds,
+        "summary": {p: {"median_samples_per_s": round(med[p], 2), "ms_per_step": round(a.batch_size / med[p] * 1e3, 2),
+                        "min_samples_per_s": round(min(sps[p]), 2), "max_samples_per_s": round(max(sps[p]), 2)}
+                    for p in PATHS},
+        "ratio": {"project_over_hand": round(ratio, 4), "overhead_pct": round(overhead, 2),
+                  "ratio_of_medians": round(med["project"] / med["hand"], 4), "target_overhead_pct": 5.0},
+        "split_ms": {p: {k: round(v, 3) for k, v in split_ms[p].items()} for p in PATHS},
+        "data_loading": {"loader": cfg.data.loader, "num_threads": cfg.data.num_threads,
+                         "median_ms_per_batch": None if load_ms is None else round(load_ms, 3),
+                         "images_per_s": None if not load_ms else round(a.batch_size / load_ms * 1e3, 1),
+                         "rounds": loading},
+        "memory": {"kind": kind, "persistent_mib": {p: mib(persistent[p]) for p in PATHS},
+                   "step_peak_mib": {p: mib(step_peak[p]) for p in PATHS}, "process_max_rss_mib": mib(maxrss)},
+        "checks": {"first_step_terms": first, "first_step_loss_abs_diff": loss_diff,
+                   "lr_project_vs_hand": lr_checks,
+                   "lr_matches": all(math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-12) for x, y in lr_checks)},
+    }
+    write_json(result, a.out)
+    del engine
+    shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
