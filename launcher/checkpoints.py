@@ -47,6 +47,11 @@ def save(engine, ckpt_dir: Path, stage_name: str, pos: Position, keep: int, is_m
     tag = tag_for(stage_name, pos.epoch, pos.step, pos.batch)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={
         "stage": pos.stage, "epoch": pos.epoch, "step": pos.step, "batch": pos.batch})
+    # Each rank's torch RNG (dropout, drop-path); the data order needs none: it is seeded per epoch.
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(rng, ckpt_dir / tag / f"rng_rank{torch.distributed.get_rank()}.pt")
     barrier()
     if is_main and keep > 0:
         tags = sorted((d for d in ckpt_dir.iterdir() if d.is_dir() and TAG.match(d.name)),
@@ -86,6 +91,16 @@ def resume_position(resume: str, ckpt_dir: Path) -> tuple[str | None, Position]:
     state = torch.load(found[0], map_location="cpu", weights_only=False)
     return tag, Position(int(state["stage"]), int(state["epoch"]), int(state["step"]),
                          int(state.get("batch", 0)))
+
+
+def restore_rng(ckpt_dir: Path, tag: str) -> None:
+    """Put back this rank's torch RNG state saved with checkpoint `tag` (if it was saved)."""
+    path = Path(ckpt_dir) / tag / f"rng_rank{torch.distributed.get_rank()}.pt"
+    if path.is_file():
+        rng = torch.load(path, weights_only=False)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
 
 
 def consolidated_state_dict(engine) -> dict:

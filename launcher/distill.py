@@ -164,6 +164,7 @@ def main(argv=None) -> int:
         first_epoch = 0
         if resume_tag and si == pos.stage:
             engine.load_checkpoint(str(ckpt_dir), tag=resume_tag)
+            ckpt.restore_rng(ckpt_dir, resume_tag)
             first_epoch = pos.epoch
         monitor.scalars({"stage": si}, step, "train/")
         for epoch in range(first_epoch, stage.epochs):
