@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from launcher.config import ConfigError
-from launcher.evaluate import (CheckpointError, LoadedModel, load_model, load_teacher, read_thresholds,
+from launcher.model_loading import (CheckpointError, LoadedModel, load_model, load_teacher, read_thresholds,
                                resolve_teacher)
 from rmsnet.summary import count_macs
 from rmsnet.teachers import TappedModel

@@ -23,8 +23,8 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from _launch import REPO, free_port, run
 from launcher import evaluate
-from launcher.evaluate import (CheckpointError, load_model, locate_checkpoint, split_semantics,
-                               write_thresholds)
+from launcher.evaluate import split_semantics
+from launcher.model_loading import CheckpointError, load_model, locate_checkpoint, write_thresholds
 from rmsnet import metrics as M
 from rmsnet.calibration import expected_calibration_error, reliability_bins
 from rmsnet.teachers import create_tapped_model

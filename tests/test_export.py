@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from launcher import export
-from launcher.evaluate import load_model, write_thresholds
+from launcher.model_loading import load_model, write_thresholds
 from rmsnet.summary import count_macs
 from rmsnet.teachers import create_tapped_model
 
