@@ -122,7 +122,8 @@ def main(argv=None) -> None:
             runs.append(run)
             print(f"  repeat {r} {config:8s} {run['seconds']:8.2f} s  {run['images_per_second']:8.1f} img/s"
                   f"  {run['cores_used']:.2f} cores used  {run['cpu_ms_per_image']:.1f} CPU-ms/img"
-                  f"  (1-min load {run['load_average_1min'][0]} -> {run['load_average_1min'][1]})", flush=True)
+                  f"  (1-min load {run['load_average_1min'][0]} -> {run['load_average_1min'][1]})",
+                  flush=True)
 
     def of(config, key="images_per_second"):
         return [x[key] for x in runs if x["config"] == config]
@@ -143,8 +144,9 @@ def main(argv=None) -> None:
         ratios["ours_2w_over_plain" + suffix] = round(median(paired("ours-2w", "plain", key)), 3)
     # CPU time per image does not depend on how many cores other users left us: the cleanest
     # measure of our builder's overhead over the plain loop, and of the parallel overhead of 2w.
-    ratios["cpu_per_image_ours_1w_over_plain"] = round(median(paired("ours-1w", "plain", "cpu_ms_per_image")), 3)
-    ratios["cpu_per_image_ours_2w_over_1w"] = round(median(paired("ours-2w", "ours-1w", "cpu_ms_per_image")), 3)
+    for name, num, den in (("ours_1w_over_plain", "ours-1w", "plain"),
+                           ("ours_2w_over_1w", "ours-2w", "ours-1w")):
+        ratios["cpu_per_image_" + name] = round(median(paired(num, den, "cpu_ms_per_image")), 3)
 
     print(f"\nBuild {n_source} images {source_px}px -> {a.size}px PNG shards; medians of "
           f"{a.repeats} interleaved runs ({info['cpus']} CPUs, {info['cpu']})")

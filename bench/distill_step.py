@@ -1,7 +1,7 @@
 """Distillation step overhead: the project's DeepSpeed step against a hand-written PyTorch loop.
 
     python bench/distill_step.py                                  # demo config: batch 32, 64 px
-    python bench/distill_step.py --steps 20 --rounds 7 --threads 2
+    python bench/distill_step.py --steps 20 --rounds 21 --threads 1
     python bench/distill_step.py --steps 2 --rounds 1 --batch-size 4 --image-size 48   # smoke
 
 Both paths train the same models (an `rmsnet_xxs` student against a `resnet18` teacher loaded from
@@ -186,8 +186,9 @@ def parse_args(argv=None):
                         "'none' = random tensors and no data-loading figure")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--image-size", type=int, default=64, help="the demo's 64")
-    p.add_argument("--steps", type=int, default=20, help="steps per path per round")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved throughput rounds")
+    p.add_argument("--steps", type=int, default=10, help="steps per path per round")
+    p.add_argument("--rounds", type=int, default=11,
+                   help="interleaved throughput rounds (short rounds, many: the load drifts)")
     p.add_argument("--split-rounds", type=int, default=3, help="interleaved rounds with phase timers")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per path")
     p.add_argument("--batches", type=int, default=4, help="distinct pre-loaded batches, cycled")

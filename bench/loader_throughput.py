@@ -1,7 +1,7 @@
 """Loader throughput: DALI (CPU-only mode) vs the plain torch fallback, per shard format.
 
     python bench/loader_throughput.py                              # 2,000 synthetic 1024-px images
-    python bench/loader_throughput.py --data /tmp/rms-distill-bench/cxr_n5000_px1024 --n 2000
+    python bench/loader_throughput.py --data $TMPDIR/rms-distill-bench/cxr_n5000_px1024 --n 2000
     python bench/loader_throughput.py --n 40 --image-size 128 --passes 1 --batch-size 16  # smoke
 
 The same source images are built into 256-pixel shards once per format (png, jpeg, raw; reused
@@ -12,13 +12,15 @@ with the same batch size and the same `num_threads` (DALI: a pool of that many t
 `num_workers = num_threads - 1` worker processes, as loader.py sets it, each with one intra-op
 thread, plus the main process collating with `torch.get_num_threads()` threads). Each loader gets
 one untimed warm-up epoch, then `--passes` timed epochs. The loaders of a cell run back to back,
-the first of them alternating from cell to cell; the whole sweep is repeated `--rounds` times
-(fresh loaders each time) and a cell's figure is the median over all its timed epochs; the ratio
-is also given per round, to show how much the shared machine moved it.
+the first of them rotating from cell to cell and from round to round; the whole sweep is repeated
+`--rounds` times (fresh loaders each time) and a cell's figure is the median over all its timed
+epochs; the ratio is also given per round, to show how much the shared machine moved it.
 
 Also measured, for the GPU plan in bench/README.md: bytes per sample from the manifests (whole
-tar, and the image member alone) and the single-thread CPU decode cost per image (PIL over
-in-memory bytes; DALI's CPU decoder with one thread, reader included).
+tar, and the image member alone), the single-thread CPU decode cost per image (PIL over
+in-memory bytes; DALI's CPU decoder with one thread, reader included), and each loader's CPU time
+per image (all threads and worker processes, warm-up included). Wall time is what a shared
+machine gives; CPU time is what the work costs, whatever other users' jobs are doing.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import gc
 import io
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -46,7 +49,8 @@ def build_format(root: Path, out: Path, fmt: str, size: int, workers: int) -> di
     manifest = out / "manifest.json"
     if manifest.is_file():
         m = json.loads(manifest.read_text())
-        if (m["image"]["format"], m["image"]["size"], m["summary"]["inputs"]) == (fmt, size, count_rows(root)):
+        built = (m["image"]["format"], m["image"]["size"], m["summary"]["inputs"])
+        if built == (fmt, size, count_rows(root)):
             return {"reused": True, "seconds": None}
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "data_pipeline.build_shards", "--dataset", "chestxray14",
@@ -87,25 +91,34 @@ def image_members(shard_dir: Path, split: str, limit: int) -> tuple[str, int, li
     return ext, manifest["image"]["size"], out
 
 
-def pil_decode_ms(shard_dir: Path, split: str, limit: int, repeats: int = 3) -> float:
-    """Single-thread decode of in-memory image members to a uint8 array, ms per image (median)."""
+def cpu_seconds() -> float:
+    """CPU time of this process (all its threads) and of its waited-for children (torch workers)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def pil_decode_ms(shard_dir: Path, split: str, limit: int, repeats: int = 3) -> dict:
+    """Single-thread decode of in-memory image members to a uint8 array: wall and CPU ms per image
+    (medians). CPU time does not grow when other users' jobs take the core; wall time does."""
     from PIL import Image
     ext, size, blobs = image_members(shard_dir, split, limit)
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for b in blobs:
             if ext == "raw":
                 np.frombuffer(b, dtype=np.uint8).reshape(size, size).copy()
             else:
                 np.asarray(Image.open(io.BytesIO(b)).convert("L"))
-        times.append((time.perf_counter() - t0) / len(blobs) * 1e3)
-    return round(median(times), 4)
+        wall.append((time.perf_counter() - t0) / len(blobs) * 1e3)
+        cpu.append((time.process_time() - c0) / len(blobs) * 1e3)
+    return {"pil_ms_per_image_1thread": round(median(wall), 4),
+            "pil_cpu_ms_per_image_1thread": round(median(cpu), 4)}
 
 
-def dali_decode_images_per_second(shard_dir: Path, split: str, batch_size: int, threads: int) -> float:
-    """DALI CPU-only reader + decoder (raw: reshape), no augmentation, `threads` threads: img/s of
-    the second of two epochs."""
+def dali_decode(shard_dir: Path, split: str, batch_size: int, threads: int) -> dict:
+    """DALI CPU-only reader + decoder (raw: reshape), no augmentation, `threads` threads: wall and
+    CPU (whole process) ms per image in the second of two epochs."""
     from nvidia.dali import fn, pipeline_def, types
     from data_pipeline.loader_common import split_shards
     manifest, tars, idxs = split_shards(shard_dir, split)
@@ -123,19 +136,22 @@ def dali_decode_images_per_second(shard_dir: Path, split: str, batch_size: int, 
     p = pipe(batch_size=batch_size, num_threads=threads, device_id=None, prefetch_queue_depth=2)
     p.build()
     steps = -(-n // batch_size)
-    seconds = []
     for _ in range(2):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(steps):
             p.run()
-        seconds.append(time.perf_counter() - t0)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     del p
-    return round(steps * batch_size / seconds[-1], 1)
+    images = steps * batch_size
+    return {"dali_cpu_images_per_second_1thread": round(images / wall, 1),
+            "dali_cpu_ms_per_image_1thread": round(wall / images * 1e3, 4),
+            "dali_cpu_cpu_ms_per_image_1thread": round(cpu / images * 1e3, 4)}
 
 
 def time_loader(make, passes: int) -> dict:
     """Build a loader, run one untimed warm-up epoch, then `passes` timed epochs."""
     load_before = os.getloadavg()[0]  # other users' load on a shared machine skews the ratios
+    cpu0 = cpu_seconds()
     t0 = time.perf_counter()
     loader = make()
     built = time.perf_counter() - t0
@@ -148,10 +164,12 @@ def time_loader(make, passes: int) -> dict:
         images = sum(b["image"].shape[0] for b in loader)  # (b, 1, s, s) float32 each
         epochs.append({"images": images, "seconds": round(time.perf_counter() - t0, 4)})
     del loader
-    gc.collect()  # stop the torch workers / DALI threads before the next loader starts
+    gc.collect()  # stop (and join) the torch workers / DALI threads before the next loader starts
+    cpu = cpu_seconds() - cpu0  # build + warm-up + timed epochs, every thread and worker
     ips = [e["images"] / e["seconds"] for e in epochs]
     return {"build_seconds": round(built, 3), "warmup_seconds": round(warm_s, 3), "warmup_images": warm,
             "epochs": epochs, "median_images_per_second": round(median(ips), 1),
+            "cpu_ms_per_image": round(cpu / (warm + sum(e["images"] for e in epochs)) * 1e3, 3),
             "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
 
 
@@ -218,14 +236,13 @@ def main(argv=None) -> None:
         return lambda: build_loader(shard_dirs[fmt], a.split, backend=loader, num_threads=a.num_threads,
                                     **common)
 
-    decode_runs, cells, k = {fmt: [] for fmt in formats}, [], 0
+    decode_runs, cells = {fmt: [] for fmt in formats}, []
     for rnd in range(a.rounds):
+        k = rnd  # the first loader of a cell rotates from cell to cell and from round to round
         for fmt in formats:  # decode cost per image, one thread
-            d = {"pil_ms_per_image_1thread": pil_decode_ms(shard_dirs[fmt], a.split, a.decode_images)}
+            d = pil_decode_ms(shard_dirs[fmt], a.split, a.decode_images)
             if have_dali:
-                d["dali_cpu_images_per_second_1thread"] = dali_decode_images_per_second(
-                    shard_dirs[fmt], a.split, a.batch_size, 1)
-                d["dali_cpu_ms_per_image_1thread"] = round(1e3 / d["dali_cpu_images_per_second_1thread"], 4)
+                d.update(dali_decode(shard_dirs[fmt], a.split, a.batch_size, 1))
             decode_runs[fmt].append(d)
         for fmt in formats:
             for mode in ("train", "eval"):
@@ -234,7 +251,8 @@ def main(argv=None) -> None:
                 for loader in order:
                     r = time_loader(maker(fmt, loader, mode == "train"), a.passes)
                     cells.append({"format": fmt, "mode": mode, "loader": loader, "round": rnd, **r})
-                    print(f"  round {rnd} {fmt:4s} {mode:5s} {loader:9s} {r['median_images_per_second']:8.1f} img/s"
+                    print(f"  round {rnd} {fmt:4s} {mode:5s} {loader:9s} "
+                          f"{r['median_images_per_second']:8.1f} img/s"
                           f" (warm-up {r['warmup_seconds']:.2f} s, 1-min load {r['load_average_1min'][0]})",
                           flush=True)
     decode = {fmt: {key: round(median([d[key] for d in runs]), 4) for key in runs[0]}
@@ -243,45 +261,61 @@ def main(argv=None) -> None:
     def ips(fmt, mode, loader, rnd=None):
         """Median over the timed epochs of every round (or of round `rnd`)."""
         epochs = [e["images"] / e["seconds"] for c in cells
-                  if (c["format"], c["mode"], c["loader"]) == (fmt, mode, loader) and rnd in (None, c["round"])
+                  if (c["format"], c["mode"], c["loader"]) == (fmt, mode, loader)
+                  and rnd in (None, c["round"])
                   for e in c["epochs"]]
         return round(median(epochs), 1) if epochs else None
+
+    def cpu_ms(fmt, mode, loader):
+        values = [c["cpu_ms_per_image"] for c in cells
+                  if (c["format"], c["mode"], c["loader"]) == (fmt, mode, loader)]
+        return round(median(values), 3) if values else None
 
     rows, ratios, summary = [], {}, []
     for fmt in formats:
         for mode in ("train", "eval"):
             for loader in loaders:
                 summary.append({"format": fmt, "mode": mode, "loader": loader,
-                                "median_images_per_second": ips(fmt, mode, loader)})
+                                "median_images_per_second": ips(fmt, mode, loader),
+                                "median_cpu_ms_per_image": cpu_ms(fmt, mode, loader)})
             d, t = ips(fmt, mode, "dali"), ips(fmt, mode, "torch")
             per_round = [round(ips(fmt, mode, "dali", r) / ips(fmt, mode, "torch", r), 2)
                          for r in range(a.rounds)] if d and t else []
             ratios[f"{fmt}/{mode}"] = {"ratio": round(d / t, 3) if d and t else None, "per_round": per_round}
             rows.append([fmt, mode, d, t] + [ips(fmt, mode, f"torch-w{w}") for w in a.torch_workers]
-                        + [ratios[f"{fmt}/{mode}"]["ratio"], ", ".join(f"{x:.2f}" for x in per_round)])
+                        + [ratios[f"{fmt}/{mode}"]["ratio"], ", ".join(f"{x:.2f}" for x in per_round),
+                           cpu_ms(fmt, mode, "dali"), cpu_ms(fmt, mode, "torch")])
 
     m = json.loads((shard_dirs[formats[0]] / "manifest.json").read_text())
     n_split = m["splits"][a.split]["samples"]
-    print(f"\nLoader throughput, split {a.split!r} ({n_split} images) of {generation['images']} source images, "
+    print(f"\nLoader throughput, split {a.split!r} ({n_split} images) of {generation['images']} "
+          f"source images, "
           f"{a.size} px shards -> {a.output_size} px batches of {a.batch_size}; median of {a.passes} "
-          f"epochs after a warm-up x {a.rounds} rounds; DALI CPU-only num_threads={a.num_threads}, torch num_workers="
+          f"epochs after a warm-up x {a.rounds} rounds; DALI CPU-only num_threads={a.num_threads}, "
+          f"torch num_workers="
           f"{torch_rule}, torch.get_num_threads()={torch.get_num_threads()}; {info['cpus']} CPUs")
     print(table(["format", "mode", "DALI img/s", f"torch (w{torch_rule}) img/s"]
-                + [f"torch (w{w}) img/s" for w in a.torch_workers] + ["DALI / torch", "per round"], rows))
+                + [f"torch (w{w}) img/s" for w in a.torch_workers]
+                + ["DALI / torch", "per round", "DALI CPU-ms/img", "torch CPU-ms/img"], rows))
     print()
-    print(table(["format", "tar bytes/sample", "image bytes/sample", "PIL decode ms/img (1 thr)",
-                 "DALI CPU decode ms/img (1 thr)"],
+    print(table(["format", "tar bytes/sample", "image bytes/sample", "PIL decode ms/img wall (CPU)",
+                 "DALI CPU-mode decode ms/img wall (CPU)"],
                 [[fmt, builds[fmt]["tar_bytes_per_sample"], builds[fmt]["image_bytes_per_sample"],
-                  decode[fmt]["pil_ms_per_image_1thread"], decode[fmt].get("dali_cpu_ms_per_image_1thread")]
+                  f"{decode[fmt]['pil_ms_per_image_1thread']:.3g} "
+                  f"({decode[fmt]['pil_cpu_ms_per_image_1thread']:.3g})",
+                  f"{decode[fmt]['dali_cpu_ms_per_image_1thread']:.3g} "
+                  f"({decode[fmt]['dali_cpu_cpu_ms_per_image_1thread']:.3g})" if have_dali else None]
                  for fmt in formats]))
 
     result = {"benchmark": "loader_throughput", "command": [Path(sys.argv[0]).name] + sys.argv[1:],
               "machine": info,
               "config": {"n_source": generation["images"], "source_image_size": source_px,
-                         "split": a.split, "split_samples": n_split, "size": a.size, "output_size": a.output_size,
+                         "split": a.split, "split_samples": n_split, "size": a.size,
+                         "output_size": a.output_size,
                          "batch_size": a.batch_size, "num_threads": a.num_threads,
                          "torch_num_workers": torch_rule, "torch_extra_num_workers": a.torch_workers,
-                         "torch_get_num_threads": torch.get_num_threads(), "passes": a.passes, "rounds": a.rounds,
+                         "torch_get_num_threads": torch.get_num_threads(), "passes": a.passes,
+                         "rounds": a.rounds,
                          "dali_available": have_dali, "augment_train": dataclasses.asdict(AugmentSpec()),
                          "formats": formats},
               "generation": generation, "shards": builds, "decode": decode, "decode_runs": decode_runs,

@@ -44,9 +44,11 @@ def label_rows(root: Path):
 def run(root: Path, out: Path, size: int, maxcount: int = 1000) -> int:
     out.mkdir(parents=True, exist_ok=True)
     n = 0
+    # images/ or the NIH download's images_001/images/ ... images_012/images/
+    paths = {p.name: p for p in root.glob("images*/**/*.png")}
     with wds.ShardWriter(str(out / "plain-%06d.tar"), maxcount=maxcount, verbose=0) as sink:
         for name, mask in label_rows(root):
-            img = Image.open(root / "images" / name).convert("L")
+            img = Image.open(paths[name]).convert("L")
             img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
             buf = io.BytesIO()
             img.save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
@@ -57,7 +59,7 @@ def run(root: Path, out: Path, size: int, maxcount: int = 1000) -> int:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--root", type=Path, required=True, help="ChestX-ray14 layout, images/ folder")
+    p.add_argument("--root", type=Path, required=True, help="a dataset in the ChestX-ray14 layout")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--size", type=int, default=256)
     a = p.parse_args(argv)

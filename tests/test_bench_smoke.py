@@ -28,7 +28,8 @@ def test_build_shards_scaling_writes_ratios_and_runs(tmp_path):
     result = _run("build_shards_scaling", tmp_path, "--repeats", "1")
     assert {"machine", "config", "generation", "runs", "summary", "ratios"} <= result.keys()
     assert set(result["summary"]) == {"ours-1w", "ours-2w", "plain"}
-    assert {"speedup_2w_over_1w", "ours_1w_over_plain", "cpu_per_image_ours_1w_over_plain"} <= result["ratios"].keys()
+    assert {"speedup_2w_over_1w", "ours_1w_over_plain",
+            "cpu_per_image_ours_1w_over_plain"} <= result["ratios"].keys()
     assert all(r["images"] == 40 and r["images_per_second"] > 0 and r["cpu_seconds"] > 0
                for r in result["runs"])
 
@@ -37,7 +38,8 @@ def test_build_shards_scaling_writes_ratios_and_runs(tmp_path):
 def test_loader_throughput_covers_every_format_mode_and_loader(tmp_path):
     result = _run("loader_throughput", tmp_path, "--passes", "1", "--rounds", "1", "--batch-size", "16",
                   "--decode-images", "10", "--size", "64", "--output-size", "48")
-    assert {"machine", "config", "shards", "decode", "summary", "cells", "ratios_dali_over_torch"} <= result.keys()
+    assert {"machine", "config", "shards", "decode", "summary", "cells",
+            "ratios_dali_over_torch"} <= result.keys()
     loaders = {"dali", "torch"} if result["config"]["dali_available"] else {"torch"}
     cells = {(c["format"], c["mode"], c["loader"]) for c in result["cells"]}
     assert cells == {(f, m, lo) for f in ("png", "jpeg", "raw") for m in ("train", "eval") for lo in loaders}
