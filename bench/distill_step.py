@@ -20,8 +20,9 @@ process, with the same number of torch threads:
 Data loading is excluded from the ratio (both paths cycle through the same `--batches` batches,
 read once with the project's loader) and timed on its own: the DALI (CPU-only mode) training
 loader, a fresh one each round. After warm-up, `--rounds` rounds of `--steps` steps run each path in
-turn (the first path alternating), then `--split-rounds` rounds with per-phase timers (kept apart so
-their device syncs on a GPU cannot touch the throughput figure). Figures are medians (DESIGN.md §5).
+turn (the first path alternating); `--split-rounds` rounds with per-phase timers are spread among
+them (kept apart so their device syncs on a GPU cannot touch the throughput figure). Figures are
+medians (DESIGN.md §5).
 
 Memory, CPU: resident set size (RSS) from /proc, after glibc's malloc_trim (so memory freed by one
 path is not counted for the next): persistent growth of each path's setup plus first step, and the
@@ -250,6 +251,12 @@ def time_loading(cfg, shards, epoch: int, limit: int, device) -> dict:
             "ms_per_batch": dt / n * 1e3 if n else None}
 
 
+def _repo_relative(path) -> str:
+    """Paths inside the repository are recorded relative to it (results name no machine paths)."""
+    p = Path(path).resolve()
+    return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(path)
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -352,20 +359,23 @@ def main(argv=None) -> int:
           f"{'shards ' + shards if shards else 'random tensors'} | {a.threads} threads | "
           f"{a.rounds} x {a.steps} steps per path | {env.device}", flush=True)
     rounds, loading = [], []
-    for r in range(a.rounds):
-        if shards:
-            loading.append(time_loading(cfg, shards, r + 1, a.loader_batches, env.device))
-        row = {"round": r, "load_1min": round(os.getloadavg()[0], 2)}
-        for path in (PATHS if r % 2 == 0 else PATHS[::-1]):
-            row[f"{path}_samples_per_s"] = a.steps * a.batch_size / run(path, a.steps)
-        row["ratio"] = row["project_samples_per_s"] / row["hand_samples_per_s"]
-        rounds.append(row)
-        print(f"  round {r}: project {row['project_samples_per_s']:.1f}, hand "
-              f"{row['hand_samples_per_s']:.1f} samples/s, ratio {row['ratio']:.3f}", flush=True)
     split = {p: [] for p in PATHS}
-    for r in range(a.split_rounds):
-        for path in (PATHS if r % 2 == 0 else PATHS[::-1]):
-            run(path, a.steps, split[path])
+    n = max(a.rounds, a.split_rounds)
+    split_at = {j * n // a.split_rounds for j in range(a.split_rounds)}  # spread over the run
+    for r in range(n):
+        if r < a.rounds:
+            if shards:
+                loading.append(time_loading(cfg, shards, r + 1, a.loader_batches, env.device))
+            row = {"round": r, "load_1min": round(os.getloadavg()[0], 2)}
+            for path in (PATHS if r % 2 == 0 else PATHS[::-1]):
+                row[f"{path}_samples_per_s"] = a.steps * a.batch_size / run(path, a.steps)
+            row["ratio"] = row["project_samples_per_s"] / row["hand_samples_per_s"]
+            rounds.append(row)
+            print(f"  round {r}: project {row['project_samples_per_s']:.1f}, hand "
+                  f"{row['hand_samples_per_s']:.1f} samples/s, ratio {row['ratio']:.3f}", flush=True)
+        if r in split_at:  # phase timers: kept out of the throughput rounds, but beside them
+            for path in (PATHS if r % 2 == 0 else PATHS[::-1]):
+                run(path, a.steps, split[path])
     lr_checks.append((engine.get_lr()[0], hand.lr()))
 
     # Peak memory of one step per path (after the timing: this changes glibc's malloc behaviour).
@@ -432,7 +442,7 @@ def main(argv=None) -> int:
 
     result = {
         "machine": info,
-        "config": {"config": str(a.config), "student": cfg.student.name, "teacher": cfg.teacher.name,
+        "config": {"config": _repo_relative(a.config), "student": cfg.student.name, "teacher": cfg.teacher.name,
                    "batch_size": a.batch_size, "image_size": a.image_size, "steps": a.steps,
                    "rounds": a.rounds, "split_rounds": a.split_rounds, "warmup": a.warmup,
                    "batches": a.batches, "threads": a.threads, "data": shards or "random",
