@@ -32,6 +32,7 @@ peak above the resting RSS during one step (a sampling thread; glibc's mmap thre
 from __future__ import annotations
 
 import argparse
+import atexit
 import copy
 import ctypes
 import gc
@@ -39,6 +40,7 @@ import logging
 import math
 import os
 import resource
+import shutil
 import tempfile
 import threading
 import time
@@ -261,6 +263,7 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     work = Path(tempfile.mkdtemp(prefix="distill_step_"))
+    atexit.register(shutil.rmtree, work, True)  # the 45 MB teacher checkpoint
     base_cfg = load_config(a.config, [f"teacher.checkpoint={work / 'teacher.pt'}"])
     shards = a.shards if a.shards is not None else base_cfg.data.shards
     if shards in ("none", "") or not (Path(shards) / "manifest.json").is_file():
