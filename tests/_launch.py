@@ -41,3 +41,14 @@ def tiny_run_args(config: Path, shards, out_dir, teacher, *overrides: str) -> li
     for o in overrides:
         args += ["--set", o]
     return args
+
+
+def assert_same_student(run_a: Path, run_b: Path) -> None:
+    """The two runs' exported students (final/model.pt) are bit-identical, tensor by tensor."""
+    import torch
+
+    a = torch.load(Path(run_a) / "final" / "model.pt", weights_only=True)["model"]
+    b = torch.load(Path(run_b) / "final" / "model.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

@@ -12,9 +12,8 @@ import subprocess
 import time
 
 import pytest
-import torch
 
-from _launch import REPO, deepspeed_cmd, run, tiny_run_args
+from _launch import REPO, assert_same_student, deepspeed_cmd, run, tiny_run_args
 
 CFG = REPO / "launcher" / "configs" / "demo_distill.yaml"
 
@@ -59,11 +58,7 @@ def test_sigkill_mid_epoch_then_resume_auto_matches_the_uninterrupted_run(cxr_sh
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resuming from main-e" in resumed.stdout
 
-    a = torch.load(tmp_path / "full" / "student" / "final" / "model.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "killed" / "student" / "final" / "model.pt", weights_only=True)["model"]
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert_same_student(tmp_path / "full" / "student", tmp_path / "killed" / "student")
     for rank in (0, 1):
         ids_full = (tmp_path / "full" / "student" / "sample_ids" / f"rank{rank}.txt").read_text()
         ids_resumed = (tmp_path / "killed" / "student" / "sample_ids" / f"rank{rank}.txt").read_text()

@@ -6,9 +6,8 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
-from _launch import REPO, deepspeed_cmd, run, tiny_run_args
+from _launch import REPO, assert_same_student, deepspeed_cmd, run, tiny_run_args
 
 CFG = REPO / "launcher" / "configs" / "demo_distill.yaml"
 BATCH = 4
@@ -33,8 +32,4 @@ def test_zero3_run_resumed_after_one_epoch_matches_the_uninterrupted_run(cxr_sha
     resumed = run(deepspeed_cmd(2, *_args(cxr_shards, tmp_path / "split", teacher), "--resume", "auto"))
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"resuming from main-e0001-s{steps_per_epoch:08d}" in resumed.stdout
-    a = torch.load(tmp_path / "full" / "student" / "final" / "model.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "split" / "student" / "final" / "model.pt", weights_only=True)["model"]
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert_same_student(tmp_path / "full" / "student", tmp_path / "split" / "student")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _launch import REPO, deepspeed_cmd, run, tiny_run_args
+from _launch import REPO, assert_same_student, deepspeed_cmd, run, tiny_run_args
 
 CFG = REPO / "launcher" / "configs" / "synthetic_us_two_stage.yaml"
 STAGES = ("stages=[{name: hint, epochs: 1, loss: {task_weight: 0, kd_weight: 0, hint_weight: 1.0}},"
@@ -57,8 +57,4 @@ def test_two_stage_recipe_runs_hint_then_kd_and_resume_inside_kd_matches_uninter
     resumed = run(deepspeed_cmd(2, *_args(us_shards, tmp_path / "split", us_teacher), "--resume", "auto"))
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"resuming from kd-e0001-s{2 * spe:08d}" in resumed.stdout
-    a = torch.load(run_dir / "final" / "model.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "split" / "two_stage" / "final" / "model.pt", weights_only=True)["model"]
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert_same_student(run_dir, tmp_path / "split" / "two_stage")
