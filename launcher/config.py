@@ -177,6 +177,10 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto = bf16 on a GPU that supports it, fp32 on CPU."""
     zero_stage: int = 2
+    contiguous_gradients: Literal["auto", "on", "off"] = "auto"
+    """ZeRO's contiguous gradient buffer. auto = off in a world of one process (the per-parameter
+    copy into the bucket costs ~3 % of a step there and saves nothing; bench/README.md), DeepSpeed's
+    default (on) with several ranks, where it avoids fragmentation while gradients are reduced."""
     log_every: int = 10
     """Optimizer steps between TensorBoard scalar writes (the only steps that call .item())."""
     max_steps: int = 0
@@ -269,6 +273,8 @@ def _convert(tp, value, key: str):
         inner = [a for a in args if a is not type(None)]
         return _convert(inner[0], value, key)
     if origin is Literal:
+        if isinstance(value, bool) and {"on", "off"} <= set(args):  # YAML 1.1 reads on/off as booleans
+            value = "on" if value else "off"
         if value not in args:
             raise ConfigError(f"{key}: must be one of {list(args)}, got {value!r}")
         return value
@@ -395,6 +401,7 @@ def deepspeed_config(cfg: Config, world_size: int, total_steps: int, precision: 
                                                "momentum": t.momentum, "nesterov": True}}
     warmup_steps = stage.warmup_steps if stage.warmup_steps is not None else t.warmup_steps
     warmup = min(warmup_steps, max(total_steps - 1, 0))
+    contiguous = (world_size > 1) if t.contiguous_gradients == "auto" else t.contiguous_gradients == "on"
     return {
         "train_batch_size": t.batch_size_per_gpu * t.gradient_accumulation_steps * world_size,
         "train_micro_batch_size_per_gpu": t.batch_size_per_gpu,
@@ -406,7 +413,8 @@ def deepspeed_config(cfg: Config, world_size: int, total_steps: int, precision: 
         # torch.optim.SGD is not on DeepSpeed's list of ZeRO-tested optimizers; it is plain SGD.
         "zero_allow_untested_optimizer": t.optimizer == "sgd",
         "gradient_clipping": t.grad_clip,
-        "zero_optimization": {"stage": t.zero_stage},
+        "zero_optimization": {"stage": t.zero_stage,
+                              "contiguous_gradients": contiguous},
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "initial_scale_power": 12},
         "steps_per_print": 10 ** 9,

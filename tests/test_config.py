@@ -188,7 +188,19 @@ def test_deepspeed_config_is_derived_from_the_config(precision):
     assert ds["gradient_clipping"] == cfg.train.grad_clip
     assert ds["bf16"]["enabled"] is (precision == "bf16")
     assert ds["fp16"]["enabled"] is (precision == "fp16")
-    assert not (ds["bf16"]["enabled"] and ds["fp16"]["enabled"])
+
+
+@pytest.mark.parametrize("setting, world, expected", [
+    ("auto", 1, False), ("auto", 2, True), ("on", 1, True), ("off", 4, False)])
+def test_contiguous_gradients_follow_the_world_size_unless_set(setting, world, expected):
+    cfg = load_config(DISTILL, [f"train.contiguous_gradients={setting}"])
+    ds = deepspeed_config(cfg, world_size=world, total_steps=10, precision="fp32")
+    assert ds["zero_optimization"]["contiguous_gradients"] is expected
+
+
+def test_contiguous_gradients_rejects_other_values():
+    with pytest.raises(ConfigError, match="train.contiguous_gradients"):
+        load_config(DISTILL, ["train.contiguous_gradients=maybe"])
 
 
 def test_deepspeed_warmup_is_kept_shorter_than_a_short_run():
