@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,16 +43,29 @@ def tag_for(stage_name: str, epoch: int, step: int, batch: int = 0) -> str:
     return f"{stage_name}-e{epoch:04d}{inside}-s{step:08d}"
 
 
+def _batchnorm_stats(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: b.detach().clone() for n, b in module.named_buffers()
+            if n.rsplit(".", 1)[-1] in ("running_mean", "running_var")}
+
+
 def save(engine, ckpt_dir: Path, stage_name: str, pos: Position, keep: int, is_main: bool) -> None:
-    average_batchnorm_stats(engine.module)  # the state saved is every rank's state
+    """Checkpoint every rank's state at `pos`; the training that follows is unchanged by it."""
+    own_bn = _batchnorm_stats(engine.module)
+    average_batchnorm_stats(engine.module)  # the model states (rank 0's) hold every rank's mean
     tag = tag_for(stage_name, pos.epoch, pos.step, pos.batch)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={
         "stage": pos.stage, "epoch": pos.epoch, "step": pos.step, "batch": pos.batch})
-    # Each rank's torch RNG (dropout, drop-path); the data order needs none: it is seeded per epoch.
-    rng = {"cpu": torch.get_rng_state()}
+    # Per rank: its torch RNG (dropout, drop-path; the data order needs none, it is seeded per
+    # epoch) and its own BatchNorm statistics, which it goes on updating from its own batches (an
+    # interrupted run would otherwise continue from the average, an uninterrupted one from its own).
+    state = {"cpu": torch.get_rng_state(), "batchnorm": own_bn}
     if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save(rng, ckpt_dir / tag / f"rng_rank{torch.distributed.get_rank()}.pt")
+        state["cuda"] = torch.cuda.get_rng_state()
+    torch.save(state, ckpt_dir / tag / f"rank{torch.distributed.get_rank()}_state.pt")
+    with torch.no_grad():
+        buffers = dict(engine.module.named_buffers())
+        for n, b in own_bn.items():
+            buffers[n].copy_(b)
     barrier()
     if is_main and keep > 0:
         tags = sorted((d for d in ckpt_dir.iterdir() if d.is_dir() and TAG.match(d.name)),
@@ -93,14 +107,21 @@ def resume_position(resume: str, ckpt_dir: Path) -> tuple[str | None, Position]:
                          int(state.get("batch", 0)))
 
 
-def restore_rng(ckpt_dir: Path, tag: str) -> None:
-    """Put back this rank's torch RNG state saved with checkpoint `tag` (if it was saved)."""
-    path = Path(ckpt_dir) / tag / f"rng_rank{torch.distributed.get_rank()}.pt"
-    if path.is_file():
-        rng = torch.load(path, weights_only=False)
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
+def restore_rank_state(engine, ckpt_dir: Path, tag: str) -> None:
+    """Put back this rank's RNG state and BatchNorm statistics saved with checkpoint `tag`."""
+    path = Path(ckpt_dir) / tag / f"rank{torch.distributed.get_rank()}_state.pt"
+    if not path.is_file():  # written by a run with fewer ranks: continue, but not bit-exactly
+        warnings.warn(f"{path} is missing (the checkpoint was written by fewer ranks): this rank "
+                      f"continues with fresh RNG state and the averaged BatchNorm statistics")
+        return
+    state = torch.load(path, weights_only=False)
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    buffers = dict(engine.module.named_buffers())
+    with torch.no_grad():
+        for n, b in state["batchnorm"].items():
+            buffers[n].copy_(b.to(buffers[n].device))
 
 
 def consolidated_state_dict(engine) -> dict:

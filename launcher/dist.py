@@ -58,7 +58,7 @@ def detect_env() -> dict[str, int]:
         os.environ["RANK"] = os.environ["SLURM_PROCID"]
         os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
         os.environ["LOCAL_RANK"] = os.environ["SLURM_LOCALID"]
-        os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1"))
+        os.environ.setdefault("LOCAL_WORLD_SIZE", str(slurm_tasks_on_this_node()))
     elif not present:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -70,6 +70,22 @@ def detect_env() -> dict[str, int]:
     if not 0 <= env["rank"] < world or not 0 <= env["local_rank"] < local_world:
         raise RuntimeError(f"inconsistent ranks in the environment: {env}")
     return env
+
+
+def slurm_tasks_on_this_node() -> int:
+    """Tasks of this job step on this node, from SLURM's compressed list ("2(x3),1" = 2, 2, 2, 1
+    tasks on the step's nodes in order), indexed by SLURM_NODEID."""
+    spec = os.environ.get("SLURM_STEP_TASKS_PER_NODE") or os.environ.get("SLURM_TASKS_PER_NODE")
+    if not spec:
+        return 1
+    counts: list[int] = []
+    for part in spec.split(","):
+        n, _, rep = part.partition("(x")
+        counts += [int(n)] * (int(rep.rstrip(")")) if rep else 1)
+    node = int(os.environ.get("SLURM_NODEID", "0"))
+    if not 0 <= node < len(counts):
+        raise RuntimeError(f"SLURM_NODEID={node} is outside the tasks-per-node list {spec!r}")
+    return counts[node]
 
 
 def _guess_local_world(world: int) -> int:

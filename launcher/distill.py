@@ -29,6 +29,7 @@ from launcher.checkpoints import Position, export_student, load_student, resume_
 from launcher.engine import run_epoch
 from launcher.monitor import Monitor, NullMonitor, Progress
 from launcher.plots import attention_figure, roc_figure
+from launcher.preemption import EXIT_PREEMPTED, Preempted, StopRequest
 from launcher.validation import BestTracker, evaluate_split
 from rmsnet.metrics import format_auroc_table
 from rmsnet.objective import DistillTask
@@ -115,6 +116,7 @@ def main(argv=None) -> int:
         return 2
 
     env = init_distributed()
+    stop_request = StopRequest()  # SIGUSR1 (and SIGTERM under srun): checkpoint, exit 75
     import deepspeed
     torch.manual_seed(cfg.run.seed)
     run_dir, ckpt_dir = cfg.run_dir, cfg.run_dir / "checkpoints"
@@ -145,59 +147,69 @@ def main(argv=None) -> int:
     sample_log = ckpt.SampleLog(run_dir, env.rank, pos.step) if cfg.train.log_sample_ids else None
     best = BestTracker(run_dir, cfg.train.early_stopping_patience, env.is_main)
     val_loader = eval_loaders[cfg.data.val_split]
-    stop = False
+    early_stop = False
 
     step, engine = pos.step, None
-    for si, stage in enumerate(stages):
-        if si < pos.stage or ((step >= total_steps or stop) and engine is not None):
-            continue  # done before the restart, or cut by train.max_steps
-        task = build_task(cfg, stage, manifest, teacher)
-        if si > 0:  # each stage starts from the previous stage's student (and adapters)
-            load_student(task, run_dir / "stages" / stages[si - 1].name / "model.pt")
-        stage_steps = steps_per_epoch * stage.epochs
-        ds_config = deepspeed_config(cfg, env.world_size, stage_steps, precision, stage)
-        if env.is_main:
-            (run_dir / f"deepspeed.{stage.name}.json").write_text(json.dumps(ds_config, indent=1))
-        engine, _, _, _ = deepspeed.initialize(
-            model=task, model_parameters=[p for p in task.parameters() if p.requires_grad],
-            config=ds_config)
-        first_epoch = 0
-        if resume_tag and si == pos.stage:
-            engine.load_checkpoint(str(ckpt_dir), tag=resume_tag)
-            ckpt.restore_rng(ckpt_dir, resume_tag)
-            first_epoch = pos.epoch
-        monitor.scalars({"stage": si}, step, "train/")
-        for epoch in range(first_epoch, stage.epochs):
-            if step >= total_steps or stop:
-                break
-            def save_inside(batches: int, at_step: int, si=si, epoch=epoch, stage=stage, engine=engine):
-                ckpt.save(engine, ckpt_dir, stage.name, Position(si, epoch, at_step, batches),
+    try:
+        for si, stage in enumerate(stages):
+            if si < pos.stage or ((step >= total_steps or early_stop) and engine is not None):
+                continue  # done before the restart, or cut by train.max_steps
+            task = build_task(cfg, stage, manifest, teacher)
+            if si > 0:  # each stage starts from the previous stage's student (and adapters)
+                load_student(task, run_dir / "stages" / stages[si - 1].name / "model.pt")
+            stage_steps = steps_per_epoch * stage.epochs
+            ds_config = deepspeed_config(cfg, env.world_size, stage_steps, precision, stage)
+            if env.is_main:
+                (run_dir / f"deepspeed.{stage.name}.json").write_text(json.dumps(ds_config, indent=1))
+            engine, _, _, _ = deepspeed.initialize(
+                model=task, model_parameters=[p for p in task.parameters() if p.requires_grad],
+                config=ds_config)
+            first_epoch = 0
+            if resume_tag and si == pos.stage:
+                engine.load_checkpoint(str(ckpt_dir), tag=resume_tag)
+                ckpt.restore_rank_state(engine, ckpt_dir, resume_tag)
+                first_epoch = pos.epoch
+            monitor.scalars({"stage": si}, step, "train/")
+            for epoch in range(first_epoch, stage.epochs):
+                if step >= total_steps or early_stop:
+                    break
+                def save_inside(batches: int, at_step: int, si=si, epoch=epoch, stage=stage, engine=engine):
+                    ckpt.save(engine, ckpt_dir, stage.name, Position(si, epoch, at_step, batches),
+                              cfg.train.keep_checkpoints, env.is_main)
+                resuming_here = resume_tag and si == pos.stage and epoch == pos.epoch
+                step = run_epoch(engine, teacher, train_loader_for(epoch), teacher_dtype=teacher_dtype,
+                                 student_dtype=student_dtype, accum=accum, step=step, last_step=total_steps,
+                                 log_every=cfg.train.log_every, global_batch=ds_config["train_batch_size"],
+                                 monitor=monitor, progress=progress, epoch=epoch,
+                                 skip_batches=pos.batch if resuming_here else 0,
+                                 save_every=cfg.train.checkpoint_every_steps, save=save_inside,
+                                 sample_log=sample_log, stop=stop_request)
+                if stage.loss.task_weight > 0 or stage.loss.kd_weight > 0:  # the head is trained
+                    engine.eval()  # BatchNorm must use (not update) its running statistics
+                    val = evaluate_split(engine.module.student.forward_logits, val_loader, engine.device,
+                                         manifest, student_dtype)
+                    monitor.scalars({"mean_auroc": val["mean_auroc"],
+                                     **{f"auroc/{k}": v for k, v in val["auroc"].items()}},
+                                    step, f"eval/student/{cfg.data.val_split}/")
+                    early_stop = best.update(engine, val["mean_auroc"],
+                                       {"arch": cfg.student.name, "stage": stage.name, "epoch": epoch + 1,
+                                        "step": step})
+                    if early_stop:
+                        monitor.print(f"early stop: no gain in validation mean AUROC for "
+                                      f"{best.bad_epochs} epochs (best {best.best:.4f})")
+                ckpt.save(engine, ckpt_dir, stage.name, Position(si, epoch + 1, step),
                           cfg.train.keep_checkpoints, env.is_main)
-            resuming_here = resume_tag and si == pos.stage and epoch == pos.epoch
-            step = run_epoch(engine, teacher, train_loader_for(epoch), teacher_dtype=teacher_dtype,
-                             student_dtype=student_dtype, accum=accum, step=step, last_step=total_steps,
-                             log_every=cfg.train.log_every, global_batch=ds_config["train_batch_size"],
-                             monitor=monitor, progress=progress, epoch=epoch,
-                             skip_batches=pos.batch if resuming_here else 0,
-                             save_every=cfg.train.checkpoint_every_steps, save=save_inside,
-                             sample_log=sample_log)
-            if stage.loss.task_weight > 0 or stage.loss.kd_weight > 0:  # the head is trained
-                engine.eval()  # BatchNorm must use (not update) its running statistics
-                val = evaluate_split(engine.module.student.forward_logits, val_loader, engine.device,
-                                     manifest, student_dtype)
-                monitor.scalars({"mean_auroc": val["mean_auroc"],
-                                 **{f"auroc/{k}": v for k, v in val["auroc"].items()}},
-                                step, f"eval/student/{cfg.data.val_split}/")
-                stop = best.update(engine, val["mean_auroc"],
-                                   {"arch": cfg.student.name, "stage": stage.name, "epoch": epoch + 1,
-                                    "step": step})
-                if stop:
-                    monitor.print(f"early stop: no gain in validation mean AUROC for "
-                                  f"{best.bad_epochs} epochs (best {best.best:.4f})")
-            ckpt.save(engine, ckpt_dir, stage.name, Position(si, epoch + 1, step),
-                      cfg.train.keep_checkpoints, env.is_main)
-        export_student(engine, run_dir / "stages" / stage.name / "model.pt",
-                       {"stage": stage.name, "step": step}, env.is_main)
+                if stop_request.agreed():
+                    raise Preempted(f"stopped on request after epoch {epoch + 1} of stage {stage.name}")
+            export_student(engine, run_dir / "stages" / stage.name / "model.pt",
+                           {"stage": stage.name, "step": step}, env.is_main)
+    except Preempted as e:  # every rank checkpointed at the same step
+        monitor.print(f"{e}; checkpoint written, exiting with {EXIT_PREEMPTED} (requeue and run "
+                      f"again with --resume auto)")
+        monitor.close()
+        barrier()
+        shutdown()
+        return EXIT_PREEMPTED
 
     # ----------------------------------------------------------------------- evaluation and close
     engine.eval()

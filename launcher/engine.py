@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from launcher.dist import all_gather_cat, average_batchnorm_stats
+from launcher.preemption import Preempted
 from rmsnet.objective import TERMS
 
 
@@ -67,13 +68,16 @@ def predict(forward_logits, loader, device, multilabel: bool):
 
 def run_epoch(engine, teacher, loader, *, teacher_dtype, student_dtype, accum: int, step: int,
               last_step: int, log_every: int, global_batch: int, monitor, progress, epoch: int,
-              skip_batches: int = 0, save_every: int = 0, save=None, sample_log=None) -> int:
+              skip_batches: int = 0, save_every: int = 0, save=None, sample_log=None,
+              stop=None) -> int:
     """Train one epoch (or until `last_step`); log every `log_every` optimizer steps; return step.
 
     The loader is always drained to its end (DALI requires it before the next pipeline starts);
     batches after `last_step`, and the first `skip_batches` (mid-epoch resume), are read but not used.
     Every `save_every` optimizer steps inside the epoch, `save(batches_done, step)` checkpoints;
-    `sample_log(step, sids)`, when given, records which samples each step consumed.
+    `sample_log(step, sids)`, when given, records which samples each step consumed. `stop`
+    (launcher.preemption.StopRequest) is asked after every optimizer step inside the epoch; when
+    the ranks agree to stop, they checkpoint there and raise Preempted.
     """
     engine.train()
     t_log, last_log = time.perf_counter(), step
@@ -89,8 +93,14 @@ def run_epoch(engine, teacher, loader, *, teacher_dtype, student_dtype, accum: i
         if (i + 1) % accum:
             continue
         step += 1
-        if save_every and step % save_every == 0 and i + 1 < len(loader) and step < last_step:
+        inside = i + 1 < len(loader) and step < last_step
+        saved = bool(save_every) and step % save_every == 0 and inside
+        if saved:
             save(i + 1, step)
+        if stop is not None and inside and stop.agreed():
+            if not saved:
+                save(i + 1, step)
+            raise Preempted(f"stopped on request at step {step}")
         if log_now:  # the only place that syncs with .item()
             dt = time.perf_counter() - t_log
             values = {k: terms[k].item() for k in ("loss",) + TERMS if k in terms}

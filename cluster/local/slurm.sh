@@ -77,6 +77,9 @@ SlurmctldHost=$ctl_host
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# Step credentials live 20 s (default 120); it is also the delay before a requeued job may start
+# again, which the requeue test waits out.
+AuthInfo=cred_expire=20
 CryptoType=crypto/munge
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
