@@ -33,9 +33,11 @@ print(load_config(sys.argv[1], sets).run_dir.resolve())
 EOF
 }
 
-requeue_or_exit() {  # $1 = the step's exit code
-    local rc=$1
-    if [ "$rc" -eq "$EXIT_PREEMPTED" ]; then
+requeue_or_exit() {  # $1 = the step's exit code, $2 = the run directory
+    local rc=$1 run_dir=$2
+    # The marker, not only the code: srun reports the highest task exit code, and the first rank
+    # to leave with 75 can get a slower one killed (143) by --kill-on-bad-exit.
+    if [ "$rc" -eq "$EXIT_PREEMPTED" ] || { [ "$rc" -ne 0 ] && [ -f "$run_dir/PREEMPTED" ]; }; then
         echo "$(date -Is) job $SLURM_JOB_ID checkpointed on request; requeueing" \
              "(restart $((${SLURM_RESTART_COUNT:-0} + 1)))"
         scontrol requeue "$SLURM_JOB_ID"

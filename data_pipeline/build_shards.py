@@ -5,12 +5,20 @@
 
 Per split (train / val / test), samples are shuffled globally with `--seed` (DALI's reader only
 shuffles inside a small buffer, so the global shuffle must happen here), decoded, validated, resized
-and re-encoded by `--workers` processes, and written in order to `<split>-NNNNNN.tar` shards of at
-most `--shard-size` samples / `--shard-bytes` bytes. Each shard is written under a temporary name and
-renamed when complete, with its DALI index. `manifest.json` (written last, atomically) records label
-names, samples / patients / positives per split, every shard's sha256, and every rejected input with
-its reason. The build fails with a non-zero exit, and leaves no shards behind, when the rejected
-fraction exceeds `--max-reject-fraction`. Identical inputs and seed give byte-identical shards.
+and re-encoded by `--workers` processes, and written in order to `<split>-NNNNNN.tar` shards. Each
+shard is written under a temporary name and renamed when complete, with its DALI index.
+`manifest.json` (written last, atomically) records label names, samples / patients / positives per
+split, every shard's sha256, and every rejected input with its reason. The build fails with a
+non-zero exit, and leaves no shards behind, when the rejected fraction exceeds
+`--max-reject-fraction`. Identical inputs and seed give byte-identical shards.
+
+The shard plan: shard k of a split holds the records at positions [k*S, (k+1)*S) of the split's
+shuffled record list, S = `--shard-size`, less those rejected (so a shard may hold fewer than S
+samples; one whose records were all rejected is not written, leaving a gap in the numbers). The plan
+depends on the records and the seed only, never on what decoding finds, which is what lets a sliced
+build write any shard without knowing the others. `--shard-bytes` is a cap, not a boundary: a shard
+that would grow past it stops the build with an error asking for a smaller `--shard-size`. Sample
+ids run 0..n-1 per split in shard order.
 
     python -m data_pipeline.build_shards --dataset csv --root data/mine --out shards/mine \
         --csv labels.csv --path-column file --label-column finding --label-sep '|' \
@@ -21,15 +29,32 @@ images may be DICOM (windowing: data_pipeline/image_io.py, `--dicom-window C,W` 
 `--verify` re-reads every shard after the build (`--verify-only`: of an existing `--out`) and
 exits non-zero naming the shard and sample of any problem (data_pipeline/verify_shards.py). An
 interrupted build resumes when the same command is run again (data_pipeline/build_state.py).
+
+Sliced build (e.g. a SLURM array job, one slice per task; data_pipeline/slices.py):
+
+    python -m data_pipeline.build_shards <the usual options> --num-slices N --slice I   # I = 0..N-1
+    python -m data_pipeline.build_shards --merge-slices N --out DIR [--verify]
+
+Every slice computes the same plan; the shards of all splits, numbered in order (train's, then
+val's, then test's), go round-robin to the slices: the g-th shard to slice g mod N. A slice writes
+its shards under their final names into `--out` and its partial manifest to
+`<out>/slices/slice-IIII-of-NNNN.json`; a rerun resumes or, when complete, does nothing. A slice
+numbers a shard's samples from the position of its first record; the merge checks every slice
+manifest and shard, gives the shards that follow a reject their final ids (0..n-1 per split; only
+the 8-byte `.sid` members change), applies `--max-reject-fraction` to the whole, and writes
+`manifest.json`: the shards and manifest equal a single-process build's with the same options,
+timing fields aside.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -37,12 +62,14 @@ import numpy as np
 from tqdm import tqdm
 
 from data_pipeline.adapters import SPLITS, DatasetIndex, Record, load_dataset
-from data_pipeline.build_state import BuildState, parameters_digest, start_or_resume
+from data_pipeline.build_state import (STATE_FILE, SplitProgress, parameters_digest,
+                                       start_or_resume)
 from data_pipeline.image_io import BadImage, MissingDependency, prepare
 from data_pipeline.shard_format import IMAGE_EXT, ShardWriter, sample_members
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+SLICES_DIR = "slices"  # a sliced build's partial manifests and checkpoints, inside --out
 
 
 def _prepare_one(record: Record, **opts):
@@ -60,51 +87,105 @@ def shuffled(records: list[Record], seed: int, split: str) -> list[Record]:
     return [records[i] for i in rng.permutation(len(records))]
 
 
-def write_split(split: str, records: list[Record], out: Path, index: DatasetIndex, args, pool,
-                state: BuildState) -> dict:
-    """Write one split's shards (from where `state` left off); returns its manifest entry."""
-    if split in state.done:
-        return state.done[split]
-    progress = state.progress(split, len(index.label_names))
+@dataclass
+class PlannedShard:
+    """Shard `number` of `split`: the records at positions [start, start + len(records)) of the
+    split's shuffled list (rejected ones will be left out)."""
+    split: str
+    number: int
+    start: int
+    records: list[Record]
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}-{self.number:06d}.tar"
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.records)
+
+
+def plan_shards(index: DatasetIndex, seed: int, shard_size: int) -> dict[str, list[PlannedShard]]:
+    """Every split's shards: fixed ranges of `shard_size` records of its shuffled record list."""
+    plan = {}
+    for split in SPLITS:
+        records = shuffled([r for r in index.records if r.split == split], seed, split)
+        plan[split] = [PlannedShard(split, k, start, records[start:start + shard_size])
+                       for k, start in enumerate(range(0, len(records), shard_size))]
+    return plan
+
+
+def plan_end(shards: list[PlannedShard]) -> int:
+    """The number of records in a split, from its planned shards."""
+    return shards[-1].end if shards else 0
+
+
+@dataclass
+class ShardResult:
+    """What writing one planned shard gave: its manifest entry (None when every record was
+    rejected), its rejects (with their positions in the split), positives and patients."""
+    planned: PlannedShard
+    first_sid: int
+    entry: dict | None
+    rejected: list[dict]
+    positives: np.ndarray
+    patients: set
+
+
+def write_shards(todo: list[PlannedShard], first_sid, out: Path, index: DatasetIndex, args, pool,
+                 done, desc: str = "shards") -> None:
+    """Write the planned shards in order, streaming all their records through the worker pool.
+    `first_sid(planned)` is the id of a shard's first sample (asked when the shard starts);
+    `done(result)` is called after each shard closes (the checkpoint)."""
     opts = dict(size=args.size, fit=args.fit, fmt=args.format, jpeg_quality=args.jpeg_quality,
                 max_pixels=args.max_pixels, window=args.dicom_window)
     work = partial(_prepare_one, **opts)
-    todo = records[progress.position:]  # a resumed build does not decode the kept records again
-    results = pool.map(work, todo, chunksize=16) if pool else map(work, todo)
-    ext = IMAGE_EXT[args.format]
-    writer = None
-    try:
-        bar = tqdm(results, total=len(records), initial=progress.position, desc=f"{split:5s}",
-                   unit="img", disable=args.quiet, file=sys.stderr)
-        for position, (record, image, reason) in enumerate(bar, start=progress.position):
-            if reason is not None:
-                index.reject(record.path, reason)
-                continue
-            if writer is not None and (writer.samples >= args.shard_size
-                                       or writer.tar.offset + len(image) > args.shard_bytes):
-                progress.shards.append(writer.close())
-                writer = None
-                progress.position = position  # this record opens the next shard
-                state.checkpoint(split, progress)
-            if writer is None:
-                writer = ShardWriter(out / f"{split}-{len(progress.shards):06d}.tar")
-            meta = {"key": record.key, "patient": record.patient, "split": split,
-                    "labels": [n for n, v in zip(index.label_names, record.labels) if v]}
-            writer.write(sample_members(record.key, image, ext, record.labels, progress.sid, meta))
-            progress.positives += np.asarray(record.labels)
-            progress.patients.add(record.patient)
-            progress.sid += 1
-        if writer is not None:
-            progress.shards.append(writer.close())
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        raise
-    entry = {"samples": progress.sid, "patients": len(progress.patients),
-             "positives": dict(zip(index.label_names, progress.positives.tolist())),
-             "shards": progress.shards}
-    state.finish(split, entry)
-    return entry
+    records = [r for planned in todo for r in planned.records]
+    results = iter(pool.map(work, records, chunksize=16) if pool else map(work, records))
+    ext, n_classes = IMAGE_EXT[args.format], len(index.label_names)
+    bar = tqdm(total=len(records), desc=desc, unit="img", disable=args.quiet, file=sys.stderr)
+    for planned in todo:
+        result = ShardResult(planned, first_sid(planned), None, [],
+                             np.zeros(n_classes, dtype=np.int64), set())
+        writer = None
+        try:
+            for position in range(planned.start, planned.end):
+                record, image, reason = next(results)
+                bar.update()
+                if reason is not None:
+                    result.rejected.append({"input": str(record.path), "reason": reason,
+                                            "position": position})
+                    continue
+                if writer is None:
+                    writer = ShardWriter(out / planned.name)
+                elif writer.tar.offset + len(image) > args.shard_bytes:
+                    raise SystemExit(
+                        f"error: {planned.name} would exceed --shard-bytes {args.shard_bytes} after "
+                        f"{writer.samples} samples; a shard holds up to --shard-size "
+                        f"({args.shard_size}) records whatever their size, so rebuild with "
+                        f"--overwrite and a --shard-size of at most {writer.samples} (or a larger "
+                        f"--shard-bytes)")
+                meta = {"key": record.key, "patient": record.patient, "split": planned.split,
+                        "labels": [n for n, v in zip(index.label_names, record.labels) if v]}
+                writer.write(sample_members(record.key, image, ext, record.labels,
+                                            result.first_sid + writer.samples, meta))
+                result.positives += np.asarray(record.labels)
+                result.patients.add(record.patient)
+            if writer is not None:
+                result.entry = writer.close()
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            bar.close()
+            raise
+        done(result)
+    bar.close()
+
+
+def split_entry(progress: SplitProgress, label_names) -> dict:
+    return {"samples": progress.sid, "patients": len(progress.patients),
+            "positives": dict(zip(label_names, progress.positives.tolist())),
+            "shards": progress.shards}
 
 
 def adapter_options(args) -> dict:
@@ -130,6 +211,55 @@ def build_parameters(args) -> dict:
             "dicom_window": args.dicom_window}
 
 
+def manifest_head(index: DatasetIndex, args) -> dict:
+    """Everything manifest.json holds apart from splits, summary and rejects."""
+    head = {
+        "format_version": FORMAT_VERSION, "dataset": index.name, "multilabel": index.multilabel,
+        "label_names": list(index.label_names),
+        "image": {"size": args.size, "format": args.format, "ext": IMAGE_EXT[args.format],
+                  "fit": args.fit, "channels": 1, "jpeg_quality": args.jpeg_quality},
+        "seed": args.seed, "val_fraction": args.val_fraction,
+    }
+    if args.dicom_window is not None:
+        head["image"]["dicom_window"] = list(args.dicom_window)
+    if args.dataset == "csv":  # the other datasets' options are their fixed layouts
+        head["dataset_options"] = {k: v for k, v in adapter_options(args).items()
+                                   if k not in ("val_fraction", "seed")}
+    return head
+
+
+def make_manifest(head: dict, splits: dict, summary: dict, rejected: list[dict]) -> dict:
+    manifest = {k: v for k, v in head.items() if k != "dataset_options"}
+    manifest.update(splits=splits, summary=summary, rejected=rejected)
+    if "dataset_options" in head:
+        manifest["dataset_options"] = head["dataset_options"]
+    return manifest
+
+
+def write_manifest(out: Path, manifest: dict) -> None:
+    tmp = out / (MANIFEST + ".part")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, out / MANIFEST)
+
+
+def too_many_rejects(out: Path, rejected: list[dict], n_inputs: int, n_ok: int,
+                     max_fraction: float) -> str | None:
+    """None when the build may be kept; else delete every shard in `out` and return the error."""
+    frac = len(rejected) / max(n_inputs, 1)
+    if frac <= max_fraction and n_ok > 0:
+        return None
+    for shard in out.glob("*.tar"):
+        shard.unlink()
+        shard.with_suffix(".idx").unlink(missing_ok=True)
+    first = "; ".join(f"{r['input']}: {r['reason']}" for r in rejected[:3])
+    return (f"error: {len(rejected)} of {n_inputs} inputs rejected ({frac:.1%}) "
+            f"> --max-reject-fraction {max_fraction:.1%}; no shards kept. First: {first}")
+
+
+def make_pool(args):
+    return ProcessPoolExecutor(args.workers) if args.workers > 1 else None
+
+
 def build(args) -> dict:
     out = Path(args.out)
     if (out / MANIFEST).exists() and not args.overwrite:
@@ -139,46 +269,54 @@ def build(args) -> dict:
     n_inputs = len(index.records) + len(index.rejected)
     state = start_or_resume(out, parameters_digest(build_parameters(args), index), index.rejected,
                             overwrite=args.overwrite, quiet=args.quiet)
+    shutil.rmtree(out / SLICES_DIR, ignore_errors=True)  # a single-process build owns all of `out`
     index.rejected = state.rejected  # adapter rejects, plus image rejects of a resumed build so far
     kept = sum(shard["samples"] for shard in state.kept_shards())
+    plan = plan_shards(index, args.seed, args.shard_size)
+    progress = {s: state.progress(s, len(index.label_names)) for s in SPLITS if s not in state.done}
+    for split, p in progress.items():
+        if p.position not in {planned.start for planned in plan[split]} | {plan_end(plan[split])}:
+            raise SystemExit(f"error: {out / STATE_FILE} resumes {split} at record {p.position}, "
+                             f"which starts no shard; pass --overwrite to start the build over")
+    todo = [planned for split in progress for planned in plan[split]
+            if planned.start >= progress[split].position]
+
+    def done(result: ShardResult) -> None:
+        planned, p = result.planned, progress[result.planned.split]
+        state.rejected.extend({"input": r["input"], "reason": r["reason"]} for r in result.rejected)
+        if result.entry is not None:
+            p.shards.append(result.entry)
+        p.sid += result.entry["samples"] if result.entry else 0
+        p.positives += result.positives
+        p.patients |= result.patients
+        p.position = planned.end
+        if planned is plan[planned.split][-1]:
+            state.finish(planned.split, split_entry(p, index.label_names))
+        else:
+            state.checkpoint(planned.split, p)
+
     t0 = time.perf_counter()
-    pool = ProcessPoolExecutor(args.workers) if args.workers > 1 else None
+    pool = make_pool(args)
     try:
-        splits = {s: write_split(s, shuffled([r for r in index.records if r.split == s], args.seed, s),
-                                 out, index, args, pool, state) for s in SPLITS}
+        write_shards(todo, lambda planned: progress[planned.split].sid, out, index, args, pool, done)
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)  # after an error, do not decode the rest first
+    for split in progress:  # splits without records
+        if split not in state.done:
+            state.finish(split, split_entry(progress[split], index.label_names))
+    splits = {s: state.done[s] for s in SPLITS}
     seconds = time.perf_counter() - t0
     n_ok = sum(s["samples"] for s in splits.values())
-    frac = len(index.rejected) / max(n_inputs, 1)
-    if frac > args.max_reject_fraction or n_ok == 0:
-        for shard in out.glob("*.tar"):
-            shard.unlink()
-            shard.with_suffix(".idx").unlink(missing_ok=True)
+    error = too_many_rejects(out, index.rejected, n_inputs, n_ok, args.max_reject_fraction)
+    if error:
         state.remove()
-        first = "; ".join(f"{r['input']}: {r['reason']}" for r in index.rejected[:3])
-        raise SystemExit(f"error: {len(index.rejected)} of {n_inputs} inputs rejected ({frac:.1%}) "
-                         f"> --max-reject-fraction {args.max_reject_fraction:.1%}; no shards kept. "
-                         f"First: {first}")
-    manifest = {
-        "format_version": FORMAT_VERSION, "dataset": index.name, "multilabel": index.multilabel,
-        "label_names": list(index.label_names),
-        "image": {"size": args.size, "format": args.format, "ext": IMAGE_EXT[args.format],
-                  "fit": args.fit, "channels": 1, "jpeg_quality": args.jpeg_quality},
-        "seed": args.seed, "val_fraction": args.val_fraction, "splits": splits,
-        "summary": {"inputs": n_inputs, "accepted": n_ok, "rejected": len(index.rejected),
-                    "seconds": round(seconds, 2), "images_per_second": round((n_ok - kept) / seconds, 1)},
-        "rejected": index.rejected,
-    }
-    if args.dataset == "csv":  # the other datasets' options are their fixed layouts
-        manifest["dataset_options"] = {k: v for k, v in adapter_options(args).items()
-                                       if k not in ("val_fraction", "seed")}
-    if args.dicom_window is not None:
-        manifest["image"]["dicom_window"] = list(args.dicom_window)
-    tmp = out / (MANIFEST + ".part")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out / MANIFEST)
+        raise SystemExit(error)
+    manifest = make_manifest(manifest_head(index, args), splits, {
+        "inputs": n_inputs, "accepted": n_ok, "rejected": len(index.rejected),
+        "seconds": round(seconds, 2), "images_per_second": round((n_ok - kept) / seconds, 1)},
+        index.rejected)
+    write_manifest(out, manifest)
     state.remove()  # the manifest marks the build complete
     return manifest
 
@@ -209,7 +347,11 @@ CSV_FLAGS = ("csv", "label_columns", "label_column", "label_sep", "patient_colum
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    paragraphs = __doc__.split("\n\n")
+    rules = [t for t in paragraphs if t.startswith("The shard plan:")]
+    rules += paragraphs[next(i for i, t in enumerate(paragraphs) if t.startswith("Sliced build")):]
+    p = argparse.ArgumentParser(description=paragraphs[0], epilog="\n\n".join(rules),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=["chestxray14", "fetal_planes", "csv"])
     p.add_argument("--root", help="dataset directory in its original layout")
     p.add_argument("--out", required=True, help="output directory for shards and manifest.json")
@@ -217,12 +359,15 @@ def parse_args(argv=None):
     p.add_argument("--fit", choices=["pad", "crop", "stretch"], default="pad")
     p.add_argument("--format", choices=list(IMAGE_EXT), default="png")
     p.add_argument("--jpeg-quality", type=int, default=95)
-    p.add_argument("--shard-size", type=int, default=1000, help="max samples per shard")
-    p.add_argument("--shard-bytes", type=int, default=1 << 30, help="max bytes per shard")
+    p.add_argument("--shard-size", type=int, default=1000,
+                   help="records per shard (a shard holds them less its rejects)")
+    p.add_argument("--shard-bytes", type=int, default=1 << 30,
+                   help="max bytes per shard: a shard that would grow past it stops the build")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     p.add_argument("--seed", type=int, default=0, help="shuffle and validation-carving seed")
     p.add_argument("--val-fraction", type=float, default=0.1, help="of train patients, by patient")
-    p.add_argument("--max-reject-fraction", type=float, default=0.01)
+    p.add_argument("--max-reject-fraction", type=float,
+                   help="of all inputs (default 0.01; with --merge-slices: the slices' value)")
     p.add_argument("--max-pixels", type=int, default=100_000_000)
     p.add_argument("--dicom-window", type=_window, metavar="CENTER,WIDTH",
                    help="DICOM window for every image, instead of each file's WindowCenter/Width")
@@ -231,6 +376,11 @@ def parse_args(argv=None):
     p.add_argument("--verify", action="store_true", help="re-read and check every shard after the build")
     p.add_argument("--verify-only", action="store_true", help="only check the shards already in --out")
     p.add_argument("--quiet", action="store_true")
+    sl = p.add_argument_group("sliced build, e.g. one SLURM array task per slice (see below)")
+    sl.add_argument("--num-slices", type=int, metavar="N", help="build only one slice of N ...")
+    sl.add_argument("--slice", type=int, metavar="I", help="... this one, 0 <= I < N")
+    sl.add_argument("--merge-slices", type=int, metavar="N",
+                   help="merge the N finished slices in --out into manifest.json (needs only --out)")
     g = p.add_argument_group("--dataset csv (see data_pipeline/adapters/csv.py)")
     g.add_argument("--csv", help="the CSV table: as given, or relative to --root")
     g.add_argument("--path-column", default="path", help="image path, relative to --root or absolute")
@@ -245,9 +395,12 @@ def parse_args(argv=None):
                    help="of patients, without --split-column")
     g.add_argument("--delimiter", type=_delimiter, default=",", help="CSV field separator")
     a = p.parse_args(argv)
+    _check_slicing(p, a)
     if a.size < 16 or a.shard_size < 1 or a.workers < 1 or not 1 <= a.jpeg_quality <= 100:
         p.error("--size >= 16, --shard-size >= 1, --workers >= 1, 1 <= --jpeg-quality <= 100")
-    if not a.verify_only and (a.dataset is None or a.root is None):
+    if a.merge_slices is None and a.max_reject_fraction is None:
+        a.max_reject_fraction = 0.01
+    if a.merge_slices is None and not a.verify_only and (a.dataset is None or a.root is None):
         p.error("--dataset and --root are required (except with --verify-only)")
     used = [f"--{f.replace('_', '-')}" for f in CSV_FLAGS if getattr(a, f) is not None]
     if a.dataset == "csv" and a.csv is None:
@@ -257,8 +410,34 @@ def parse_args(argv=None):
     return a
 
 
+def _check_slicing(p: argparse.ArgumentParser, a) -> None:
+    if (a.slice is None) != (a.num_slices is None):
+        p.error("--slice I and --num-slices N go together")
+    if a.num_slices is not None:
+        if a.num_slices < 1 or not 0 <= a.slice < a.num_slices:
+            p.error(f"--slice must be in 0..N-1 and --num-slices N >= 1, got --slice {a.slice} "
+                    f"--num-slices {a.num_slices}")
+        if a.verify or a.verify_only:
+            p.error("--verify checks a whole build: pass it to --merge-slices, not to a slice")
+    if a.merge_slices is not None:
+        if a.merge_slices < 1:
+            p.error(f"--merge-slices N needs N >= 1, got {a.merge_slices}")
+        if a.slice is not None or a.verify_only:
+            p.error("--merge-slices goes with neither --slice/--num-slices nor --verify-only")
+        if (a.dataset is None) != (a.root is None):
+            p.error("with --merge-slices, give both --dataset and --root (to check them against the "
+                    "slices) or neither")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.slice is not None or args.merge_slices is not None:
+        from data_pipeline import slices
+        try:
+            slices.build_slice(args) if args.slice is not None else slices.merge(args)
+        except (FileNotFoundError, ValueError, MissingDependency) as e:
+            raise SystemExit(f"error: {e}") from None
+        return
     if not args.verify_only:
         try:
             m = build(args)

@@ -11,8 +11,9 @@ The state file (written atomically, so it is always the last complete checkpoint
   labels, patients, splits). A rerun with a different digest is refused: its shards would differ;
 * `done`: the manifest entry of every finished split;
 * `current`: for the split in progress, its closed shards (with sha256), the position of the next
-  record to process in the split's shuffled record list (rejected records included), the next
-  sample id, and the running positives and patients that the manifest entry will report;
+  record to process in the split's shuffled record list (rejected records included; always the
+  first record of a planned shard, see `plan_shards` in build_shards.py), the next sample id, and
+  the running positives and patients that the manifest entry will report;
 * `rejected`: every rejected input so far, adapter rejects first, in the order they happened.
 
 On resume the kept shards are checked against their recorded sha256 (a mismatch, e.g. a damaged
@@ -20,6 +21,10 @@ file, restarts the build from scratch rather than trusting it), leftover `.part`
 `.tar`/`.idx` not in the state are deleted, and decoding restarts at the recorded position: the
 images before it are not read again. Image *file contents* are not in the digest; a source image
 edited between the two runs is not noticed (use `--overwrite` after changing data).
+
+A slice of a sliced build (`--num-slices N --slice I`) keeps its own, per-shard checkpoint
+(data_pipeline/slices.py) but shares the checks and the clean-up below (`shards_problem`,
+`clean_out`).
 """
 from __future__ import annotations
 
@@ -36,7 +41,7 @@ from data_pipeline.adapters import DatasetIndex
 from data_pipeline.shard_format import dali_index, sha256_file
 
 STATE_FILE = "build_state.json"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: shards are fixed ranges of records (a v1 state cannot be resumed)
 
 
 def parameters_digest(params: dict, index: DatasetIndex) -> str:
@@ -136,15 +141,38 @@ class BuildState:
         return state
 
 
-def _kept_shards_intact(out: Path, state: BuildState) -> str | None:
-    """None when every kept shard is on disk with its recorded sha256; else what is wrong."""
-    for shard in state.kept_shards():
+def shards_problem(out: Path, shards: list[dict]) -> str | None:
+    """None when every shard (manifest entries) is on disk with its recorded sha256; else what is
+    wrong."""
+    for shard in shards:
         path = out / shard["name"]
         if not path.is_file():
             return f"{shard['name']} is missing"
         if path.stat().st_size != shard["bytes"] or sha256_file(path) != shard["sha256"]:
             return f"{shard['name']} does not match its recorded sha256"
     return None
+
+
+def clean_out(out: Path, kept: list[dict], owned: set[str] | None = None) -> None:
+    """Rewrite the DALI index of every kept shard where it is missing or stale, and delete leftover
+    `.part` files and every `.tar`/`.idx` that is not kept; with `owned` (file names), only those
+    names and their `.part` files are touched (a slice leaves the other slices' files alone)."""
+    keep = set()
+    for shard in kept:
+        keep |= {shard["name"], shard["index"]}
+        idx, text = out / shard["index"], dali_index(out / shard["name"])
+        if not idx.is_file() or idx.read_text() != text:  # derived from the tar: just rewrite it
+            idx.write_text(text)
+    if owned is None:
+        for stale in out.iterdir():
+            if stale.name.endswith(".part") or (stale.suffix in (".tar", ".idx")
+                                                and stale.name not in keep):
+                stale.unlink()
+        return
+    for name in owned - keep:
+        (out / name).unlink(missing_ok=True)
+    for name in owned:
+        (out / (name + ".part")).unlink(missing_ok=True)
 
 
 def start_or_resume(out: Path, digest: str, rejected: list[dict], overwrite: bool,
@@ -155,7 +183,7 @@ def start_or_resume(out: Path, digest: str, rejected: list[dict], overwrite: boo
     state = None
     if (out / STATE_FILE).exists() and not overwrite:
         state = BuildState.load(out, digest)
-        problem = _kept_shards_intact(out, state)
+        problem = shards_problem(out, state.kept_shards())
         if problem:
             print(f"resume: {problem}; building {out} from scratch", file=sys.stderr)
             state = None
@@ -164,15 +192,7 @@ def start_or_resume(out: Path, digest: str, rejected: list[dict], overwrite: boo
                      else "after the last finished split")
             print(f"resume: keeping {len(state.kept_shards())} shard(s) in {out}, continuing "
                   f"{where}", file=sys.stderr)
-    keep = set()
-    for shard in state.kept_shards() if state else []:
-        keep |= {shard["name"], shard["index"]}
-        idx, text = out / shard["index"], dali_index(out / shard["name"])
-        if not idx.is_file() or idx.read_text() != text:  # derived from the tar: just rewrite it
-            idx.write_text(text)
-    for stale in out.iterdir():
-        if stale.name.endswith(".part") or (stale.suffix in (".tar", ".idx") and stale.name not in keep):
-            stale.unlink()
+    clean_out(out, state.kept_shards() if state else [])
     (out / "manifest.json").unlink(missing_ok=True)
     if state is None:
         (out / STATE_FILE).unlink(missing_ok=True)

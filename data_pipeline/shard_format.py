@@ -37,7 +37,7 @@ def sample_members(key: str, image: bytes, image_ext: str, labels, sid: int, met
     return [
         (f"{key}.{image_ext}", image),
         (f"{key}.{LABEL_EXT}", np.asarray(labels, dtype=np.uint8).tobytes()),
-        (f"{key}.{ID_EXT}", np.int64(sid).astype("<i8").tobytes()),
+        (f"{key}.{ID_EXT}", encode_sid(sid)),
         (f"{key}.{META_EXT}", json.dumps(meta, sort_keys=True).encode()),
     ]
 
@@ -122,5 +122,19 @@ def decode_label(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8)
 
 
+def encode_sid(sid: int) -> bytes:
+    return np.int64(sid).astype("<i8").tobytes()
+
+
 def decode_sid(data: bytes) -> int:
     return int(np.frombuffer(data, dtype="<i8")[0])
+
+
+def sid_offsets(tar_path: Path) -> list[int]:
+    """Byte offsets of the `.sid` members' data in a shard, in sample order (a sliced build's merge
+    rewrites these 8 bytes in place; nothing else, not even the DALI index, changes)."""
+    with tarfile.open(tar_path) as tar:
+        members = [m for m in tar if m.isfile() and m.name.endswith(f".{ID_EXT}")]
+    if any(m.size != 8 for m in members):
+        raise ValueError(f"{Path(tar_path).name}: a .{ID_EXT} member is not 8 bytes")
+    return [m.offset_data for m in members]

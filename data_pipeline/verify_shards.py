@@ -122,10 +122,11 @@ def _check_shard(shard_dir: Path, shard: dict, split: str, first_sid: int, manif
     return problems
 
 
-def verify(shard_dir) -> tuple[dict, list[Problem]]:
-    """(summary, problems) of one shard directory; no problems means it is sound."""
+def verify(shard_dir, manifest: dict | None = None) -> tuple[dict, list[Problem]]:
+    """(summary, problems) of one shard directory; no problems means it is sound. `manifest`:
+    check against this one instead of the directory's manifest.json (a merge before writing it)."""
     shard_dir = Path(shard_dir)
-    manifest = read_manifest(shard_dir)
+    manifest = read_manifest(shard_dir) if manifest is None else manifest
     problems, keys, summary = [], set(), {"splits": {}, "shards": 0, "samples": 0}
     for split, entry in manifest["splits"].items():
         totals = {"positives": np.zeros(len(manifest["label_names"]), np.int64), "patients": set()}
@@ -153,15 +154,16 @@ def verify(shard_dir) -> tuple[dict, list[Problem]]:
     return summary, problems
 
 
-def verify_or_exit(out: Path, quiet: bool) -> None:
-    """`verify(out)` for the CLI: print a summary, or exit non-zero naming every problem."""
-    summary, problems = verify(out)
+def verify_or_exit(out: Path, quiet: bool, manifest: dict | None = None, hint=None) -> None:
+    """`verify(out)` for the CLI: print a summary, or exit non-zero naming every problem (and
+    `hint(problems)`, what to do about them, when given)."""
+    summary, problems = verify(out, manifest)
     if problems:
         for problem in problems[:50]:
             print(f"verify: {problem}", file=sys.stderr)
         more = " (first 50 listed)" if len(problems) > 50 else ""
         raise SystemExit(f"error: verification of {out} failed with {len(problems)} problem(s){more}; "
-                         f"first: {problems[0]}")
+                         f"first: {problems[0]}{hint(problems) if hint else ''}")
     if summary["unlisted"]:
         print(f"verify: note: files not in the manifest: {', '.join(summary['unlisted'])}",
               file=sys.stderr)

@@ -29,7 +29,7 @@ from launcher.checkpoints import Position, export_student, load_student, resume_
 from launcher.engine import run_epoch
 from launcher.monitor import Monitor, NullMonitor, Progress
 from launcher.plots import attention_figure, roc_figure
-from launcher.preemption import EXIT_PREEMPTED, Preempted, StopRequest
+from launcher.preemption import EXIT_PREEMPTED, PREEMPTED_MARKER, Preempted, StopRequest
 from launcher.validation import BestTracker, evaluate_split
 from rmsnet.metrics import format_auroc_table
 from rmsnet.objective import DistillTask
@@ -132,6 +132,7 @@ def main(argv=None) -> int:
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+        (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
     accum = cfg.train.gradient_accumulation_steps
     steps_per_epoch = len(train_loader_for(0)) // accum
     total_steps = steps_per_epoch * sum(s.epochs for s in stages)
@@ -206,6 +207,8 @@ def main(argv=None) -> int:
     except Preempted as e:  # every rank checkpointed at the same step
         monitor.print(f"{e}; checkpoint written, exiting with {EXIT_PREEMPTED} (requeue and run "
                       f"again with --resume auto)")
+        if env.is_main:  # for batch scripts: srun may report another rank's exit code
+            (run_dir / PREEMPTED_MARKER).write_text(f"{e}\n")
         monitor.close()
         barrier()
         shutdown()

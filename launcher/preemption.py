@@ -10,8 +10,8 @@ A scheduler asks a job to stop with a signal:
 
 The handler only records the signal. After every optimizer step the ranks agree (a MAX all-reduce
 on a CPU/gloo group, so a GPU job does not synchronise its stream for it) whether any of them got
-one; if so, every rank checkpoints at the same step and the process exits with EXIT_PREEMPTED.
-The batch script requeues the job on that code and the restart continues with `--resume auto`.
+one; if so, every rank checkpoints at the same step, rank 0 writes <run dir>/PREEMPTED and the
+processes exit with EXIT_PREEMPTED. The batch script requeues the job on that marker and the restart continues with `--resume auto`.
 A second signal of the same kind while the checkpoint is being written ends the process at once.
 """
 from __future__ import annotations
@@ -23,6 +23,9 @@ import sys
 import torch
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later", i.e. requeue me
+PREEMPTED_MARKER = "PREEMPTED"
+"""Written into the run directory by rank 0 after the checkpoint: srun reports the highest exit
+code of its tasks, and a rank that leaves first may get the others killed (--kill-on-bad-exit)."""
 
 
 class Preempted(Exception):
