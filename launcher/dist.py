@@ -43,6 +43,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def launched_distributed() -> bool:
+    """Started by a distributed launcher: deepspeed / torchrun (rank variables) or srun with
+    several tasks."""
+    return (int(os.environ.get("WORLD_SIZE", "1")) > 1 or any(v in os.environ for v in RANK_VARS)
+            or ("SLURM_STEP_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1))
+
+
 def detect_env() -> dict[str, int]:
     """rank / world_size / local_rank / local_world_size from the environment; sets the
     torch.distributed variables when they are derived (SLURM, single process)."""

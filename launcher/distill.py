@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import sys
 from pathlib import Path
 
@@ -116,6 +117,8 @@ def main(argv=None) -> int:
         return 2
 
     env = init_distributed()
+    print(f"rank {env.rank}/{env.world_size} on {socket.gethostname()} (local rank {env.local_rank}/"
+          f"{env.local_world_size}, {env.device}, {torch.get_num_threads()} threads)", flush=True)
     stop_request = StopRequest()  # SIGUSR1 (and SIGTERM under srun): checkpoint, exit 75
     import deepspeed
     torch.manual_seed(cfg.run.seed)

@@ -119,12 +119,6 @@ def default_shards(checkpoint) -> str:
     return cfg.data.shards
 
 
-def launched_distributed() -> bool:
-    """A distributed launcher (deepspeed, torchrun, or an sbatch template) set the rank variables."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or any(
-        v in os.environ for v in ("RANK", "LOCAL_RANK"))
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:  # everything a user can get wrong, before any process group starts
@@ -141,7 +135,7 @@ def main(argv=None) -> int:
         return 2
 
     from data_pipeline.loader import build_loader
-    from launcher.dist import barrier, init_distributed, shutdown
+    from launcher.dist import barrier, init_distributed, launched_distributed, shutdown
     from launcher.engine import predict
     if launched_distributed():
         env = init_distributed()

@@ -1,0 +1,222 @@
+"""The templates in cluster/ submitted to a real SLURM (started by cluster/local/slurm.sh).
+
+* distill.sbatch with 2 CPU tasks under srun, then evaluate.sbatch on its run;
+* build_shards.sbatch as a 3-task array job plus its merge job == the single-process build;
+* a running distillation requeued with `scontrol requeue` (SIGTERM) and one told to stop with
+  SIGUSR1 (what `--signal=USR1@300` sends before the time limit) both checkpoint, are requeued,
+  resume with `--resume auto` and end bit-identical to the uninterrupted run, same sample order;
+* with a two-node cluster (nodes in their own network namespaces), one task per node gives the
+  same parameters as two tasks on one node.
+
+Without a running SLURM these tests are skipped, unless RMS_REQUIRE_SLURM=1 (set by .ci/run),
+which turns the skip into a failure.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from _launch import REPO, assert_same_student
+
+pytestmark = pytest.mark.slow
+CFG = REPO / "launcher" / "configs" / "demo_distill.yaml"
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+                "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+
+
+def _slurm_nodes() -> int:
+    if not shutil.which("sinfo"):
+        return 0
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%D %t"], capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        return 0
+    return sum(int(n) for n, state in (l.split() for l in out.stdout.splitlines())
+               if state in ("idle", "mix", "alloc")) if out.returncode == 0 else 0
+
+
+@pytest.fixture(scope="module")
+def nodes() -> int:
+    n = _slurm_nodes()
+    if n == 0:
+        msg = "no SLURM running (start one: sudo bash cluster/local/slurm.sh up [--nodes 2])"
+        if os.environ.get("RMS_REQUIRE_SLURM") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return n
+
+
+def _sbatch(template: str, workdir: Path, env: dict, *opts: str) -> int:
+    full_env = dict(os.environ, RMS_HOME=str(REPO), PYTHON=sys.executable, **env)
+    out = subprocess.run(["sbatch", "--parsable", *opts, str(REPO / "cluster" / template)],
+                         cwd=workdir, env=full_env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout.strip().split(";")[0])
+
+
+def job_info(job: int | str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", "-o", str(job)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return dict(re.findall(r"(\w+)=(\S*)", out.stdout.splitlines()[0]))
+
+
+def wait_for(job: int | str, timeout: float = 900) -> dict[str, str]:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        info = job_info(job)
+        if info["JobState"] in FINAL_STATES:
+            return info
+        time.sleep(1)
+    subprocess.run(["scancel", str(job)])
+    pytest.fail(f"job {job} did not finish in {timeout} s: {job_info(job)}")
+
+
+def wait_for_line(path_glob: Path, pattern: str, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for p in path_glob.parent.glob(path_glob.name):
+            if pattern in p.read_text(errors="replace"):
+                return
+        time.sleep(0.3)
+    pytest.fail(f"'{pattern}' did not appear in {path_glob} within {timeout} s")
+
+
+def distill_env(out_dir: Path, name: str, shards: Path, teacher: Path, *extra: str) -> dict:
+    overrides = [f"data.shards={shards}", f"teacher.checkpoint={teacher}", "data.image_size=48",
+                 "train.log_every=1", "train.batch_size_per_gpu=2", *extra]
+    return {"CONFIG": str(CFG), "OUT_DIR": str(out_dir), "RUN_NAME": name, "SET": " ".join(overrides)}
+
+
+CPU_TASKS = ("--gpus-per-node=0", "--cpus-per-task=1")
+# 2 epochs of 10 steps, dropout (RNG state), no periodic checkpoints: any checkpoint in the
+# interrupted runs is the one the stop request wrote.
+RESUME_RUN = ("train.epochs=2", "train.keep_checkpoints=0", "train.log_sample_ids=true",
+              "student.drop_rate=0.2")
+
+
+@pytest.fixture(scope="module")
+def reference_run(nodes, cxr_shards, random_teacher, tmp_path_factory) -> Path:
+    """distill.sbatch, one node, 2 CPU tasks: the uninterrupted run the others are compared with."""
+    work = tmp_path_factory.mktemp("slurm_distill")
+    job = _sbatch("distill.sbatch", work, distill_env(work / "runs", "reference", cxr_shards,
+                                                      random_teacher, *RESUME_RUN),
+                  "--nodes=1", "--ntasks-per-node=2", *CPU_TASKS)
+    info = wait_for(job)
+    log = (work / f"slurm-rms-distill-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, log)
+    return work / "runs" / "reference"
+
+
+def test_distill_sbatch_runs_two_ranks_under_srun(reference_run):
+    logs = sorted((reference_run / "logs").glob("job*-restart0/rank*.log"))
+    assert [p.name for p in logs] == ["rank0.log", "rank1.log"]
+    rank0 = logs[0].read_text()
+    assert "world 2 (gloo, cpu)" in rank0 and "rank 0/2 on" in rank0
+    assert "rank 1/2 on" in logs[1].read_text()
+    assert (reference_run / "final" / "model.pt").is_file()
+    metrics = json.loads((reference_run / "metrics.json").read_text())
+    assert 0.0 <= metrics["student/test"]["mean_auroc"] <= 1.0
+    assert list((reference_run / "tb").glob("events.out.tfevents.*"))
+
+
+def test_evaluate_sbatch_scores_the_run(reference_run, tmp_path):
+    job = _sbatch("evaluate.sbatch", tmp_path, {"RUN": str(reference_run), "EVAL_ARGS": "--bootstrap 50"},
+                  "--nodes=1", "--ntasks-per-node=2", *CPU_TASKS)
+    info = wait_for(job)
+    log = (tmp_path / f"slurm-rms-evaluate-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED", (info, log)
+    result = json.loads((reference_run / "eval" / "test" / "metrics.json").read_text())
+    assert result["world_size"] == 2 and result["split"] == "test"
+    # the same model on the same split as the training run's own final evaluation
+    expected = json.loads((reference_run / "metrics.json").read_text())["student/test"]["mean_auroc"]
+    assert result["student"]["mean_auroc"] == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("how", ["scontrol-requeue", "sigusr1-time-limit"])
+def test_interrupted_job_is_requeued_resumes_and_matches_the_uninterrupted_run(
+        how, reference_run, cxr_shards, random_teacher, tmp_path):
+    job = _sbatch("distill.sbatch", tmp_path, distill_env(tmp_path / "runs", "interrupted", cxr_shards,
+                                                          random_teacher, *RESUME_RUN),
+                  "--nodes=1", "--ntasks-per-node=2", *CPU_TASKS)
+    run_dir = tmp_path / "runs" / "interrupted"
+    wait_for_line(run_dir / "logs" / f"job{job}-restart0" / "rank0.log", "[step      3/")
+    if how == "scontrol-requeue":  # SLURM signals SIGTERM, the ranks checkpoint, SLURM requeues
+        subprocess.run(["scontrol", "requeue", str(job)], check=True)
+    else:  # what --signal=USR1@300 sends; the batch script requeues the job itself
+        subprocess.run(["scancel", "--signal=USR1", str(job)], check=True)
+    info = wait_for(job)
+    batch_log = (tmp_path / f"slurm-rms-distill-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, batch_log)
+
+    first = (run_dir / "logs" / f"job{job}-restart0" / "rank0.log").read_text()
+    second = (run_dir / "logs" / f"job{job}-restart1" / "rank0.log").read_text()
+    stopped = re.search(r"stopped on request (at step|after epoch) (\d+)", first)
+    assert stopped, first[-2000:]
+    assert re.search(r"resuming from main-e\d{4}(b\d{5})?-s\d{8}", second), second[-2000:]
+    assert "start 2 on" in batch_log
+    assert len(list((run_dir / "tb").glob("events.out.tfevents.*"))) >= 2  # one log dir, 2 writers
+
+    assert_same_student(reference_run, run_dir)
+    for rank in (0, 1):
+        ids = [(d / "sample_ids" / f"rank{rank}.txt").read_text() for d in (reference_run, run_dir)]
+        assert ids[0] == ids[1] and ids[0].count("\n") == 20
+
+
+def test_array_job_builds_slices_and_merges_them_like_one_process(nodes, cxr_root, cxr_shards, tmp_path):
+    from conftest import SAMPLES_PER_SHARD, SHARD_SIZE_PX
+
+    out = tmp_path / "shards"
+    env = {"DATASET": "chestxray14", "ROOT": str(cxr_root), "SHARDS": str(out),
+           "BUILD_ARGS": f"--size {SHARD_SIZE_PX} --shard-size {SAMPLES_PER_SHARD} --val-fraction 0.2"}
+    array = _sbatch("build_shards.sbatch", tmp_path, env, "--array=0-2", "--cpus-per-task=1")
+    for task in range(3):
+        info = wait_for(f"{array}_{task}")
+        assert info["JobState"] == "COMPLETED", (info, (tmp_path / f"slurm-rms-shards-{array}_{task}.out"))
+    task0 = (tmp_path / f"slurm-rms-shards-{array}_0.out").read_text()
+    merge = int(re.search(r"merge job (\d+) waits for array", task0).group(1))
+    info = wait_for(merge)
+    merge_log = (tmp_path / f"slurm-rms-shards-merge-{merge}.out").read_text()
+    assert info["JobState"] == "COMPLETED", (info, merge_log)
+    assert "merged 3 slices" in merge_log and "verified" in merge_log
+
+    merged = json.loads((out / "manifest.json").read_text())
+    single = json.loads((cxr_shards / "manifest.json").read_text())
+    assert merged["splits"] == single["splits"]
+    for name in sorted(p.name for p in cxr_shards.glob("*.tar")):
+        assert (out / name).read_bytes() == (cxr_shards / name).read_bytes(), name
+
+
+def test_two_nodes_one_task_each_equal_two_tasks_on_one_node(nodes, cxr_shards, random_teacher, tmp_path):
+    if nodes < 2:
+        pytest.skip("the cluster has one node (cluster/local/slurm.sh up --nodes 2 makes two)")
+    sgd = ("train.optimizer=sgd", "train.max_steps=4")  # linear update: only summation order differs
+    one = _sbatch("distill.sbatch", tmp_path, distill_env(tmp_path, "one_node", cxr_shards, random_teacher,
+                                                          *sgd), "--nodes=1", "--ntasks-per-node=2",
+                  *CPU_TASKS)
+    two = _sbatch("distill.sbatch", tmp_path, distill_env(tmp_path, "two_nodes", cxr_shards,
+                                                          random_teacher, *sgd),
+                  "--nodes=2", "--ntasks-per-node=1", *CPU_TASKS)
+    for job in (one, two):
+        info = wait_for(job)
+        assert info["JobState"] == "COMPLETED", (info, (tmp_path / f"slurm-rms-distill-{job}.out").read_text())
+    hosts = [re.search(r"rank \d/2 on (\S+)", (p.read_text())).group(1)
+             for p in sorted((tmp_path / "two_nodes" / "logs").glob("job*/rank*.log"))]
+    assert len(hosts) == 2 and hosts[0] != hosts[1], hosts
+
+    def params(run):
+        state = torch.load(tmp_path / run / "final" / "model.pt", weights_only=True)["model"]
+        return {k: v for k, v in state.items()
+                if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    a, b = params("one_node"), params("two_nodes")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
