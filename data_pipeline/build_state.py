@@ -55,6 +55,23 @@ def parameters_digest(params: dict, index: DatasetIndex) -> str:
     return h.hexdigest()
 
 
+def read_checkpoint(path: Path, version: int, digest: str, what: str) -> dict:
+    """An interrupted build's checkpoint file, or one clear error: unreadable, another format
+    version, or written by a build with other options or inputs (`digest`)."""
+    try:
+        d = json.loads(Path(path).read_text())
+        if d.get("version") != version:
+            raise ValueError(f"version {d.get('version')!r}, expected {version}")
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {path}: unreadable checkpoint ({e}); pass --overwrite to build "
+                         f"{what} anew") from None
+    if d.get("params_sha256") != digest:
+        raise SystemExit(f"error: {path} holds an interrupted run of {what} made with different "
+                         f"options or inputs; rerun the original command to resume it, or pass "
+                         f"--overwrite to discard it")
+    return d
+
+
 @dataclass
 class SplitProgress:
     """Where one split's writing stands after its last closed shard."""
@@ -122,17 +139,7 @@ class BuildState:
     @classmethod
     def load(cls, out: Path, digest: str) -> "BuildState":
         path = Path(out) / STATE_FILE
-        try:
-            d = json.loads(path.read_text())
-            if d.get("version") != STATE_VERSION:
-                raise ValueError(f"version {d.get('version')!r}, expected {STATE_VERSION}")
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"error: {path}: unreadable build state ({e}); pass --overwrite to "
-                             f"start the build over") from None
-        if d["params_sha256"] != digest:
-            raise SystemExit(f"error: {out} holds an interrupted build ({STATE_FILE}) made with "
-                             f"different options or inputs; rerun the original command to resume "
-                             f"it, or pass --overwrite to discard it and build anew")
+        d = read_checkpoint(path, STATE_VERSION, digest, "the build")
         state = cls(out, digest, d["rejected"])
         state.done = d["done"]
         if d["current"] is not None:

@@ -50,7 +50,8 @@ from data_pipeline.build_shards import (MANIFEST, SLICES_DIR, PlannedShard, Shar
                                         adapter_options, build_parameters, make_manifest,
                                         make_pool, manifest_head, plan_shards, too_many_rejects,
                                         write_manifest, write_shards)
-from data_pipeline.build_state import STATE_FILE, clean_out, parameters_digest, shards_problem
+from data_pipeline.build_state import (STATE_FILE, clean_out, parameters_digest, read_checkpoint,
+                                       shards_problem)
 from data_pipeline.shard_format import encode_sid, sid_offsets
 
 SLICE_VERSION = 1
@@ -102,17 +103,7 @@ def _resume(out: Path, path: Path, digest: str, where: str, overwrite: bool, qui
     """The results kept from an interrupted run of this slice ([] when starting afresh)."""
     if not path.exists() or overwrite:
         return []
-    try:
-        d = json.loads(path.read_text())
-        if d.get("version") != SLICE_VERSION:
-            raise ValueError(f"version {d.get('version')!r}, expected {SLICE_VERSION}")
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: {path}: unreadable checkpoint ({e}); pass --overwrite to build "
-                         f"{where} anew") from None
-    if d["params_sha256"] != digest:
-        raise SystemExit(f"error: {path} holds an interrupted run of {where} made with different "
-                         f"options or inputs; rerun the original command to resume it, or pass "
-                         f"--overwrite to discard it")
+    d = read_checkpoint(path, SLICE_VERSION, digest, where)
     problem = shards_problem(out, _kept(d["results"]))
     if problem:
         print(f"resume: {problem}; building {where} from scratch", file=sys.stderr)

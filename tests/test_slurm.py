@@ -74,6 +74,8 @@ def wait_for(job: int | str, timeout: float = 900) -> dict[str, str]:
     while time.time() < deadline:
         info = job_info(job)
         if info["JobState"] in FINAL_STATES:
+            print(f"job {job} ({info.get('JobName')}): {info['JobState']} ExitCode={info['ExitCode']} "
+                  f"Restarts={info['Restarts']} NodeList={info['NodeList']} RunTime={info['RunTime']}")
             return info
         time.sleep(1)
     subprocess.run(["scancel", str(job)])
@@ -165,7 +167,10 @@ def test_interrupted_job_is_requeued_resumes_and_matches_the_uninterrupted_run(
     assert "start 2 on" in batch_log
     assert len(list((run_dir / "tb").glob("events.out.tfevents.*"))) >= 2  # one log dir, 2 writers
 
+    resumed = re.search(r"resuming from \S+", second).group(0)
+    print(f"{how}: {stopped.group(0)}; restart: {resumed}")
     assert_same_student(reference_run, run_dir)
+    print(f"{how}: final/model.pt bit-identical to the uninterrupted run's")
     for rank in (0, 1):
         ids = [(d / "sample_ids" / f"rank{rank}.txt").read_text() for d in (reference_run, run_dir)]
         assert ids[0] == ids[1] and ids[0].count("\n") == 20
@@ -218,5 +223,27 @@ def test_two_nodes_one_task_each_equal_two_tasks_on_one_node(nodes, cxr_shards, 
                 if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
     a, b = params("one_node"), params("two_nodes")
     assert a.keys() == b.keys()
+    print(f"two nodes {hosts}: max |param difference| vs one node = "
+          f"{max(float((a[k] - b[k]).abs().max()) for k in a):.3g}")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_a_rank_killed_under_srun_ends_the_job_within_60_s(nodes, cxr_shards, random_teacher, tmp_path):
+    name = f"killed_rank_{os.getpid()}"
+    job = _sbatch("distill.sbatch", tmp_path, distill_env(tmp_path, name, cxr_shards, random_teacher,
+                                                          "train.epochs=20"),
+                  "--nodes=1", "--ntasks-per-node=2", "--no-requeue", *CPU_TASKS)
+    wait_for_line(tmp_path / name / "logs" / f"job{job}-restart0" / "rank1.log", "rank 1/2 on")
+    wait_for_line(tmp_path / name / "logs" / f"job{job}-restart0" / "rank0.log", "[step      2/")
+    pids = subprocess.run(["pgrep", "-f", f"run.name={name}"], capture_output=True, text=True).stdout.split()
+    ranks = [p for p in pids  # the two rank processes, not srun (whose command line also matches)
+             if Path(f"/proc/{p}/cmdline").read_text().split("\0")[0] == sys.executable]
+    assert len(ranks) == 2, pids
+    killed = time.time()
+    os.kill(int(ranks[-1]), 9)
+    info = wait_for(job, timeout=120)
+    elapsed = time.time() - killed
+    print(f"job ended {elapsed:.1f} s after SIGKILL of one rank: {info['JobState']} {info['ExitCode']}")
+    assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0"
+    assert elapsed < 60
