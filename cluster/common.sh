@@ -7,7 +7,6 @@ fi
 export PYTHON
 export PYTHONUNBUFFERED=1
 
-EXIT_PREEMPTED=75  # launcher/preemption.py: checkpoint written, run me again
 
 check_one_task_per_gpu() {
     # One rank per GPU: more tasks than GPUs would share devices, fewer would leave some idle.
@@ -18,6 +17,16 @@ check_one_task_per_gpu() {
              "(set both to the same number)" >&2
         exit 2
     fi
+}
+
+set_rendezvous() {
+    # Ranks come from SLURM's variables only: rank variables inherited from the submitting shell
+    # (say, sbatch called from inside a torchrun job) would override them in launcher/dist.py.
+    unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE LOCAL_SIZE TORCHELASTIC_RUN_ID
+    MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    # Not an inherited MASTER_PORT: a stale one from the submitting shell may be taken.
+    MASTER_PORT=${RMS_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+    export MASTER_ADDR MASTER_PORT
 }
 
 run_dir_of() {  # the run directory a config + overrides resolve to (one place decides it)
@@ -35,11 +44,12 @@ EOF
 
 requeue_or_exit() {  # $1 = the step's exit code, $2 = the run directory
     local rc=$1 run_dir=$2
-    # The marker, not only the code: srun reports the highest task exit code, and the first rank
-    # to leave with 75 can get a slower one killed (143) by --kill-on-bad-exit.
-    if [ "$rc" -eq "$EXIT_PREEMPTED" ] || { [ "$rc" -ne 0 ] && [ -f "$run_dir/PREEMPTED" ]; }; then
-        echo "$(date -Is) job $SLURM_JOB_ID checkpointed on request; requeueing" \
-             "(restart $((${SLURM_RESTART_COUNT:-0} + 1)))"
+    # Requeue only on the marker rank 0 writes after every rank has checkpointed: a rank's exit
+    # code alone could be 75 while another failed for real (srun reports the highest code), and
+    # requeueing that would loop.
+    if [ -f "$run_dir/PREEMPTED" ]; then
+        echo "$(date -Is) job $SLURM_JOB_ID checkpointed on request ($(cat "$run_dir/PREEMPTED"));" \
+             "requeueing (restart $((${SLURM_RESTART_COUNT:-0} + 1)))"
         scontrol requeue "$SLURM_JOB_ID"
         exit 0
     fi

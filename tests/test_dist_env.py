@@ -1,6 +1,8 @@
 """launcher.dist.detect_env: the launches it understands, and the ones it refuses."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from launcher import dist
@@ -12,15 +14,19 @@ ALL = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MA
 
 @pytest.fixture
 def env(monkeypatch):
+    # detect_env writes RANK, MASTER_PORT, ... into os.environ itself: put the whole environment
+    # back afterwards, or later tests' subprocesses would inherit a half-made launch.
+    saved = dict(os.environ)
     for v in ALL:
         monkeypatch.delenv(v, raising=False)
-    return monkeypatch
+    yield monkeypatch
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def test_single_process_gets_a_local_rendezvous(env):
     e = dist.detect_env()
     assert e == {"rank": 0, "world_size": 1, "local_rank": 0, "local_world_size": 1}
-    import os
     assert os.environ["MASTER_ADDR"] == "127.0.0.1" and int(os.environ["MASTER_PORT"]) > 0
 
 

@@ -229,11 +229,11 @@ def test_two_nodes_one_task_each_equal_two_tasks_on_one_node(nodes, cxr_shards, 
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
-def test_a_rank_killed_under_srun_ends_the_job_within_60_s(nodes, cxr_shards, random_teacher, tmp_path):
+def test_a_rank_killed_under_srun_ends_the_job_within_60_s_without_requeue(nodes, cxr_shards, random_teacher, tmp_path):
     name = f"killed_rank_{os.getpid()}"
     job = _sbatch("distill.sbatch", tmp_path, distill_env(tmp_path, name, cxr_shards, random_teacher,
                                                           "train.epochs=20"),
-                  "--nodes=1", "--ntasks-per-node=2", "--no-requeue", *CPU_TASKS)
+                  "--nodes=1", "--ntasks-per-node=2", *CPU_TASKS)
     wait_for_line(tmp_path / name / "logs" / f"job{job}-restart0" / "rank1.log", "rank 1/2 on")
     wait_for_line(tmp_path / name / "logs" / f"job{job}-restart0" / "rank0.log", "[step      2/")
     pids = subprocess.run(["pgrep", "-f", f"run.name={name}"], capture_output=True, text=True).stdout.split()
@@ -246,4 +246,5 @@ def test_a_rank_killed_under_srun_ends_the_job_within_60_s(nodes, cxr_shards, ra
     elapsed = time.time() - killed
     print(f"job ended {elapsed:.1f} s after SIGKILL of one rank: {info['JobState']} {info['ExitCode']}")
     assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0"
+    assert info["Restarts"] == "0"  # a failure is not mistaken for a stop request and requeued
     assert elapsed < 60
