@@ -63,3 +63,35 @@ def test_sigkill_mid_epoch_then_resume_auto_matches_the_uninterrupted_run(cxr_sh
         ids_full = (tmp_path / "full" / "student" / "sample_ids" / f"rank{rank}.txt").read_text()
         ids_resumed = (tmp_path / "killed" / "student" / "sample_ids" / f"rank{rank}.txt").read_text()
         assert ids_full == ids_resumed and ids_full.count("\n") > 5
+
+
+@pytest.mark.slow
+def test_sigusr1_checkpoints_exits_75_and_resumes_exactly(cxr_shards, random_teacher, tmp_path):
+    """What `#SBATCH --signal=USR1@300` triggers, without SLURM: one process, SIGUSR1 mid-epoch."""
+    from launcher.preemption import EXIT_PREEMPTED, PREEMPTED_MARKER
+    from _launch import python_cmd
+
+    args = lambda out: tiny_run_args(CFG, cxr_shards, out, random_teacher, "train.batch_size_per_gpu=4",
+                                     "train.epochs=2", "train.keep_checkpoints=0",
+                                     "student.drop_rate=0.2", "train.log_sample_ids=true")
+    full = run(python_cmd(*args(tmp_path / "full")))
+    assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
+
+    proc = subprocess.Popen(python_cmd(*args(tmp_path / "stopped")), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        if "[step      3/" in line:
+            proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=300) == EXIT_PREEMPTED, "".join(out)[-3000:]
+    run_dir = tmp_path / "stopped" / "student"
+    assert (run_dir / PREEMPTED_MARKER).is_file()
+    assert "stopped on request at step" in "".join(out)
+
+    resumed = run(python_cmd(*args(tmp_path / "stopped"), "--resume", "auto"))
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert not (run_dir / PREEMPTED_MARKER).exists()
+    assert_same_student(tmp_path / "full" / "student", run_dir)
+    ids = [(d / "sample_ids" / "rank0.txt").read_text() for d in (tmp_path / "full" / "student", run_dir)]
+    assert ids[0] == ids[1]
