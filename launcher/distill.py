@@ -7,7 +7,9 @@
 
 On a host without a GPU, `--num_gpus 2` starts two CPU ranks (gloo); DALI then runs in its
 CPU-only mode. Every rank runs the frozen teacher in DeepSpeed's inference engine beside the
-student, which DeepSpeed trains with ZeRO data parallelism. Reads top to bottom in the order it runs:
+student, which DeepSpeed trains with ZeRO data parallelism. SIGUSR1 (and SIGTERM under srun) makes
+every rank checkpoint at the same step and exit 75 (launcher/preemption.py); `--resume auto`
+continues from there. Reads top to bottom in the order it runs:
 config -> distributed init -> data -> teacher and student -> deepspeed.initialize -> loop -> eval.
 """
 from __future__ import annotations
