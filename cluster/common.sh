@@ -6,6 +6,9 @@ if [ -z "$PYTHON" ]; then
 fi
 export PYTHON
 export PYTHONUNBUFFERED=1
+# SLURM 22.05+ no longer passes sbatch's --cpus-per-task on to srun: without this, each rank could
+# be bound to one core, starving DALI's decoding threads.
+if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK; fi
 
 
 check_one_task_per_gpu() {

@@ -111,6 +111,20 @@ def set_threads(local_world_size: int) -> int:
     return n
 
 
+def gpu_index(local_rank: int) -> int:
+    """This rank's GPU among the visible ones: its local rank when it sees every GPU of the node,
+    0 when the scheduler gave each task only its own (srun --gpu-bind=single:1, CUDA_VISIBLE_DEVICES
+    set per task)."""
+    visible = torch.cuda.device_count()
+    if visible == 1:
+        return 0
+    if local_rank < visible:
+        return local_rank
+    raise RuntimeError(f"local rank {local_rank} but only {visible} visible GPUs "
+                       f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}): "
+                       f"start one task per GPU")
+
+
 def init_distributed() -> DistEnv:
     """Detect the launch, pin threads/devices, start the process group (gloo on CPU, nccl on GPU)."""
     import deepspeed
@@ -118,11 +132,11 @@ def init_distributed() -> DistEnv:
     e = detect_env()
     set_threads(e["local_world_size"])
     cuda = torch.cuda.is_available()
+    device = torch.device("cuda", gpu_index(e["local_rank"])) if cuda else torch.device("cpu")
     if cuda:
-        torch.cuda.set_device(e["local_rank"])
+        torch.cuda.set_device(device)
     backend = "nccl" if cuda else "gloo"
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
-    device = torch.device("cuda", e["local_rank"]) if cuda else torch.device("cpu")
     return DistEnv(e["rank"], e["world_size"], e["local_rank"], e["local_world_size"], device, backend)
 
 

@@ -68,7 +68,7 @@ def make_loaders(cfg, env):
     d, seed = cfg.data, cfg.run.seed
     common = dict(backend=d.loader, batch_size=cfg.train.batch_size_per_gpu, image_size=d.image_size,
                   rank=env.rank, world_size=env.world_size, num_threads=d.num_threads,
-                  device_id=env.local_rank if env.device.type == "cuda" else None)
+                  device_id=env.device.index if env.device.type == "cuda" else None)
     a = d.augment
     augment = AugmentSpec(tuple(a.crop_scale), a.hflip, a.rotate_degrees, a.brightness, a.contrast)
     def train_for(epoch: int):

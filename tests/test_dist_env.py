@@ -62,3 +62,15 @@ def test_half_set_environment_is_refused(env):
     env.setenv("RANK", "0")
     with pytest.raises(RuntimeError, match="half-set"):
         dist.detect_env()
+
+
+@pytest.mark.parametrize("visible, local_rank, expected", [(8, 3, 3), (1, 3, 0), (4, 0, 0)])
+def test_gpu_index_follows_what_the_scheduler_made_visible(monkeypatch, visible, local_rank, expected):
+    monkeypatch.setattr(dist.torch.cuda, "device_count", lambda: visible)
+    assert dist.gpu_index(local_rank) == expected
+
+
+def test_gpu_index_refuses_more_local_ranks_than_gpus(monkeypatch):
+    monkeypatch.setattr(dist.torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(RuntimeError, match="local rank 3 but only 2 visible GPUs"):
+        dist.gpu_index(3)
