@@ -36,12 +36,15 @@ run_dir_of() {  # the run directory a config + overrides resolve to (one place d
     local config=$1; shift
     "$PYTHON" - "$config" "$@" <<'EOF'
 import sys
-from launcher.config import load_config
+from launcher.config import ConfigError, load_config
 args, sets = sys.argv[2:], []
 while args:
     flag, value, *args = args
     sets.append(value)
-print(load_config(sys.argv[1], sets).run_dir.resolve())
+try:
+    print(load_config(sys.argv[1], sets).run_dir.resolve())
+except (ConfigError, FileNotFoundError) as e:
+    sys.exit(f"error: {e}")
 EOF
 }
 

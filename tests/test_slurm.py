@@ -248,3 +248,14 @@ def test_a_rank_killed_under_srun_ends_the_job_within_60_s_without_requeue(nodes
     assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0"
     assert info["Restarts"] == "0"  # a failure is not mistaken for a stop request and requeued
     assert elapsed < 60
+
+
+def test_a_bad_config_fails_the_job_with_one_line_before_any_rank_starts(nodes, tmp_path):
+    job = _sbatch("distill.sbatch", tmp_path, {"CONFIG": str(CFG), "OUT_DIR": str(tmp_path),
+                                               "RUN_NAME": "bad", "SET": "train.no_such_key=1"},
+                  "--nodes=1", "--ntasks-per-node=2", *CPU_TASKS)
+    info = wait_for(job, timeout=120)
+    log = (tmp_path / f"slurm-rms-distill-{job}.out").read_text()
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", (info, log)
+    assert log.strip().splitlines()[-1].startswith("error: ") and "train.no_such_key" in log, log
+    assert "Traceback" not in log and not (tmp_path / "bad" / "logs").exists()
