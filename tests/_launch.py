@@ -52,3 +52,13 @@ def assert_same_student(run_a: Path, run_b: Path) -> None:
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def trained_params(run_dir: Path) -> dict:
+    """The parameters of a run's final/model.pt, without BatchNorm running statistics (they do not
+    feed back into training, and ranks keep their own between epoch-end averages)."""
+    import torch
+
+    state = torch.load(Path(run_dir) / "final" / "model.pt", weights_only=True)["model"]
+    return {k: v for k, v in state.items()
+            if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}

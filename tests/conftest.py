@@ -33,6 +33,16 @@ def _build(dataset: str, root: Path, out: Path) -> Path:
     return out
 
 
+def make_cxr_with_rejects(root: Path, n: int, seed: int, bad: tuple[int, ...]) -> Path:
+    """A small synthetic ChestX-ray14 whose images number `bad` (in name order) are truncated PNGs,
+    so a build of it has image rejects."""
+    make_cxr(root, n, 32, seed=seed)
+    images = sorted((root / "images").iterdir())
+    for i in bad:
+        images[i].write_bytes(images[i].read_bytes()[:40])
+    return root
+
+
 @pytest.fixture(scope="session")
 def cxr_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cxr_root")

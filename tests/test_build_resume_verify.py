@@ -17,7 +17,7 @@ import pytest
 from data_pipeline import build_shards
 from data_pipeline.build_state import STATE_FILE
 from data_pipeline.shard_format import ShardWriter
-from data_pipeline.synthetic import make_cxr
+from conftest import make_cxr_with_rejects
 
 N_IMAGES, SHARD = 40, 4
 BAD = (5, 22)  # indices of source images damaged in the dataset, so the build has image rejects
@@ -29,12 +29,7 @@ class Interrupted(RuntimeError):
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("cxr")
-    make_cxr(root, N_IMAGES, 32, seed=5)
-    images = sorted((root / "images").iterdir())
-    for i in BAD:
-        images[i].write_bytes(images[i].read_bytes()[:40])  # truncated PNG: a reject
-    return root
+    return make_cxr_with_rejects(tmp_path_factory.mktemp("cxr"), N_IMAGES, seed=5, bad=BAD)
 
 
 def _argv(root: Path, out: Path, *extra: str, quiet: bool = True) -> list[str]:

@@ -21,7 +21,7 @@ import webdataset as wds
 
 from data_pipeline import build_shards
 from data_pipeline.shard_format import ShardWriter
-from data_pipeline.synthetic import make_cxr
+from conftest import make_cxr_with_rejects
 from data_pipeline.verify_shards import verify
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,11 +35,7 @@ class Interrupted(RuntimeError):
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("cxr")
-    make_cxr(root, N_IMAGES, 32, seed=3)
-    bad = sorted((root / "images").iterdir())[BAD]
-    bad.write_bytes(bad.read_bytes()[:40])
-    return root
+    return make_cxr_with_rejects(tmp_path_factory.mktemp("cxr"), N_IMAGES, seed=3, bad=(BAD,))
 
 
 def _argv(root: Path, out: Path, *extra: str) -> list[str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _launch import REPO, deepspeed_cmd, python_cmd, run, tiny_run_args
+from _launch import REPO, deepspeed_cmd, python_cmd, run, tiny_run_args, trained_params
 
 CFG = REPO / "launcher" / "configs" / "demo_distill.yaml"
 # fp32 SGD: the update is linear in the gradient, so only summation order differs (observed max
@@ -25,12 +25,6 @@ def _args(shards, out, teacher, *extra):
                          "train.optimizer=sgd") + list(extra)
 
 
-def _params(path):
-    state = torch.load(path / "student" / "final" / "model.pt", weights_only=True)["model"]
-    return {k: v for k, v in state.items()
-            if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
-
-
 @pytest.fixture(scope="module")
 def single_process(cxr_shards, random_teacher, tmp_path_factory):
     teacher = random_teacher
@@ -38,7 +32,7 @@ def single_process(cxr_shards, random_teacher, tmp_path_factory):
     proc = run(python_cmd(*_args(cxr_shards, out, teacher, "--set", "data.emulate_world_size=2",
                                  "--set", "train.gradient_accumulation_steps=2")))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return _params(out)
+    return trained_params(out / "student")
 
 
 @pytest.mark.slow
@@ -49,7 +43,7 @@ def test_two_rank_zero_training_equals_one_process_on_the_same_global_batches(
     proc = run(deepspeed_cmd(2, *_args(cxr_shards, tmp_path, teacher,
                                        "--set", f"train.zero_stage={zero_stage}")))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    distributed = _params(tmp_path)
+    distributed = trained_params(tmp_path / "student")
     assert distributed.keys() == single_process.keys()
     worst = max(float((distributed[k] - single_process[k]).abs().max()) for k in distributed)
     print(f"ZeRO-{zero_stage}: max |param difference| = {worst:.3g}")

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _launch import REPO, assert_same_student
+from _launch import REPO, assert_same_student, trained_params
 
 pytestmark = pytest.mark.slow
 CFG = REPO / "launcher" / "configs" / "demo_distill.yaml"
@@ -217,11 +217,7 @@ def test_two_nodes_one_task_each_equal_two_tasks_on_one_node(nodes, cxr_shards, 
              for p in sorted((tmp_path / "two_nodes" / "logs").glob("job*/rank*.log"))]
     assert len(hosts) == 2 and hosts[0] != hosts[1], hosts
 
-    def params(run):
-        state = torch.load(tmp_path / run / "final" / "model.pt", weights_only=True)["model"]
-        return {k: v for k, v in state.items()
-                if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
-    a, b = params("one_node"), params("two_nodes")
+    a, b = trained_params(tmp_path / "one_node"), trained_params(tmp_path / "two_nodes")
     assert a.keys() == b.keys()
     print(f"two nodes {hosts}: max |param difference| vs one node = "
           f"{max(float((a[k] - b[k]).abs().max()) for k in a):.3g}")
