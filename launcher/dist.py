@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -137,7 +138,31 @@ def init_distributed() -> DistEnv:
         torch.cuda.set_device(device)
     backend = "nccl" if cuda else "gloo"
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    release_shm_names(e["rank"])
     return DistEnv(e["rank"], e["world_size"], e["local_rank"], e["local_world_size"], device, backend)
+
+
+def shm_segment(rank: int) -> Path:
+    """The shared-memory segment DeepSpeed's CPU all-reduce op (ShareMemCommBuilder) creates for
+    `rank` when every rank is on one host (LOCAL_SIZE == world size): ~69 MB in /dev/shm, named
+    from the uid, MASTER_ADDR and MASTER_PORT."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def release_shm_names(rank: int) -> None:
+    """Unlink this rank's DeepSpeed shared-memory segment once every rank has mapped it.
+
+    DeepSpeed creates the segment at init and never unlinks it, so each multi-rank CPU run would
+    leave ~69 MB per rank in /dev/shm (RAM) for good, and a job that restarts on the same port
+    could map a dead run's buffer. Every rank maps every other rank's segment inside
+    `deepspeed.init_distributed` (it waits until they exist), so after a barrier the names are no
+    longer needed: the mappings stay valid and the kernel frees the memory when the last rank
+    exits, however it exits (SIGKILL included)."""
+    if not torch.distributed.is_initialized():
+        return
+    torch.distributed.barrier()  # on every rank, segment or not: a conditional barrier could hang
+    shm_segment(rank).unlink(missing_ok=True)
 
 
 def barrier() -> None:

@@ -13,6 +13,14 @@ if [ "${RMS_SLURM:-on}" != off ] && [ "$(id -u)" -eq 0 ] && command -v apt-get >
   bash cluster/local/slurm.sh up --nodes 2 || bash cluster/local/slurm.sh up || {
     echo "warning: could not start a local SLURM; tests/test_slurm.py will skip" >&2; }
 fi
+# DeepSpeed's CPU all-reduce segments that no process maps any more (left by runs before
+# launcher.dist.release_shm_names, or killed during start-up) hold ~69 MB of RAM each in /dev/shm.
+stale=0
+for f in /dev/shm/deepspeed_allreduce_buffer_*; do
+  [ -O "$f" ] || continue
+  grep -qsF "$f" /proc/[0-9]*/maps || { rm -f "$f" && stale=$((stale + 1)); }
+done
+[ "$stale" -eq 0 ] || echo "removed $stale stale DeepSpeed shared-memory segments from /dev/shm" >&2
 python -m pytest "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then

@@ -24,6 +24,13 @@ def deepspeed_cmd(ranks: int, *args) -> list[str]:
             str(REPO / "launcher" / "distill.py"), *args]
 
 
+def leaked_shm(cmd: list[str]) -> list[Path]:
+    """DeepSpeed CPU all-reduce segments in /dev/shm left behind by the `deepspeed_cmd` run `cmd`
+    (named after its --master_port; launcher.dist.release_shm_names unlinks them at start-up)."""
+    port = cmd[cmd.index("--master_port") + 1]
+    return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+
+
 def python_cmd(*args) -> list[str]:
     return [sys.executable, str(REPO / "launcher" / "distill.py"), *args]
 

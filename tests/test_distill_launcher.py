@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _launch import REPO, deepspeed_cmd, python_cmd, run, tiny_run_args
+from _launch import REPO, deepspeed_cmd, leaked_shm, python_cmd, run, tiny_run_args
 from data_pipeline.loader import build_loader
 from launcher.validation import evaluate_split
 from rmsnet.teachers import create_tapped_model
@@ -29,8 +29,10 @@ def test_two_rank_cpu_distillation_leaves_checkpoint_student_and_readable_tensor
         cxr_shards, random_teacher, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    proc = run(deepspeed_cmd(2, *_tiny(cxr_shards, tmp_path, random_teacher)))
+    cmd = deepspeed_cmd(2, *_tiny(cxr_shards, tmp_path, random_teacher))
+    proc = run(cmd)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert not leaked_shm(cmd), "DeepSpeed's shared-memory segments outlived the run"
     run_dir = tmp_path / "student"
     assert "world 2 (gloo, cpu)" in proc.stdout
     assert "per-class AUROC" in proc.stdout and "mean AUROC" in proc.stdout
@@ -155,3 +157,4 @@ def test_a_killed_rank_ends_the_whole_job_non_zero_within_60_seconds(cxr_shards,
     assert elapsed < 60
     time.sleep(1)
     assert not _rank_pids(str(tmp_path), 0), "rank 0 outlived the job"
+    assert not leaked_shm(cmd), "a SIGKILLed rank's shared-memory segment outlived the job"
