@@ -2,7 +2,8 @@
 # The README's test command: set up the environment, then run the whole suite (slow tests included).
 #
 # As root on a Debian machine it also starts a local SLURM (cluster/local/slurm.sh: two nodes in
-# network namespaces, or one node where namespaces are not allowed) for tests/test_slurm.py;
+# network namespaces, or one node where namespaces are not allowed) for tests/test_slurm.py, and
+# stops it afterwards; it never touches a SLURM it did not configure (a real cluster node's).
 # RMS_SLURM=off leaves SLURM alone (those tests then skip). RMS_REQUIRE_SLURM=1 (set by .ci/run)
 # makes a SLURM that cannot be started a failure instead of a skip.
 set -uo pipefail
@@ -10,8 +11,11 @@ cd "$(dirname "$0")/.."
 bash scripts/setup_venv.sh || exit 1
 . "${VENV:-.venv}/bin/activate"
 if [ "${RMS_SLURM:-on}" != off ] && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
-  bash cluster/local/slurm.sh up --nodes 2 || bash cluster/local/slurm.sh up || {
-    echo "warning: could not start a local SLURM; tests/test_slurm.py will skip" >&2; }
+  if bash cluster/local/slurm.sh up --nodes 2 || { [ $? -ne 3 ] && bash cluster/local/slurm.sh up; }; then
+    trap 'bash cluster/local/slurm.sh down' EXIT  # leave no daemon behind
+  else
+    echo "warning: could not start a local SLURM; tests/test_slurm.py will skip" >&2
+  fi
 fi
 # DeepSpeed's CPU all-reduce segments that no process maps any more (left by runs before
 # launcher.dist.release_shm_names, or killed during start-up) hold ~69 MB of RAM each in /dev/shm.

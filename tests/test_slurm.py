@@ -44,9 +44,18 @@ def _slurm_nodes() -> int:
                if state in ("idle", "mix", "alloc")) if out.returncode == 0 else 0
 
 
+def _local_test_cluster() -> bool:
+    """The running SLURM is the one cluster/local/slurm.sh configured (never submit the suite's
+    jobs to a real cluster's queue by accident)."""
+    out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=20)
+    return re.search(r"^ClusterName\s*=\s*rmsdistill$", out.stdout, re.M) is not None
+
+
 @pytest.fixture(scope="module")
 def nodes() -> int:
     n = _slurm_nodes()
+    if n and not _local_test_cluster():
+        pytest.skip("the running SLURM is not the local test cluster of cluster/local/slurm.sh")
     if n == 0:
         msg = "no SLURM running (start one: sudo bash cluster/local/slurm.sh up [--nodes 2])"
         if os.environ.get("RMS_REQUIRE_SLURM") == "1":
@@ -255,3 +264,17 @@ def test_a_bad_config_fails_the_job_with_one_line_before_any_rank_starts(nodes, 
     assert info["JobState"] == "FAILED" and info["Restarts"] == "0", (info, log)
     assert log.strip().splitlines()[-1].startswith("error: ") and "train.no_such_key" in log, log
     assert "Traceback" not in log and not (tmp_path / "bad" / "logs").exists()
+
+
+@pytest.mark.parametrize("action", ["up", "down"])
+def test_local_slurm_script_never_touches_a_slurm_it_did_not_configure(nodes, action, tmp_path):
+    """`make test` as root on a real cluster node must not replace its slurm.conf or stop its
+    daemons: cluster/local/slurm.sh refuses (exit 3) when the configuration is not its own."""
+    (tmp_path / "slurm.conf").write_text("ClusterName=production\nSlurmctldHost=head\n")
+    proc = subprocess.run(["bash", str(REPO / "cluster" / "local" / "slurm.sh"), action],
+                          env=dict(os.environ, RMS_SLURM_CONF_DIR=str(tmp_path)),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3, proc.stderr
+    assert "was not written by this script" in proc.stderr
+    assert (tmp_path / "slurm.conf").read_text().startswith("ClusterName=production")
+    assert _slurm_nodes() == nodes, "the running SLURM was left alone"

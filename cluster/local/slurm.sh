@@ -17,12 +17,26 @@
 # history comes from `scontrol show job` and the jobs' own logs.
 set -euo pipefail
 
-CONF_DIR=/etc/slurm
+CONF_DIR=${RMS_SLURM_CONF_DIR:-/etc/slurm}  # overridable for the script's own tests only
 STATE=/var/spool/rmsdistill-slurm
 BRIDGE=rmsbr0
 SUBNET=10.77.0
 
 log() { echo "[slurm.sh] $*" >&2; }
+
+MARKER="# Written by cluster/local/slurm.sh"
+
+refuse_foreign() {  # never touch a SLURM this script did not configure (a real cluster node)
+    if [ -e "$CONF_DIR/slurm.conf" ] && [ "$(head -c ${#MARKER} "$CONF_DIR/slurm.conf")" != "$MARKER" ]; then
+        log "$CONF_DIR/slurm.conf was not written by this script: refusing to replace it or to stop"
+        log "its daemons (this script is for test machines; RMS_SLURM=off skips it in scripts/test.sh)"
+        exit 3
+    fi
+    if [ ! -e "$CONF_DIR/slurm.conf" ] && { pgrep -x slurmctld || pgrep -x slurmd; } >/dev/null 2>&1; then
+        log "SLURM daemons are running with no configuration of this script's: refusing to stop them"
+        exit 3
+    fi
+}
 
 install_packages() {
     if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null; then
@@ -71,7 +85,7 @@ write_conf() {  # $1 = number of nodes
         done
     fi
     cat > "$CONF_DIR/slurm.conf.tmp" <<EOF
-# Written by cluster/local/slurm.sh: a local test cluster of $n node(s).
+$MARKER: a local test cluster of $n node(s).
 ClusterName=rmsdistill
 SlurmctldHost=$ctl_host
 SlurmUser=root
@@ -195,8 +209,8 @@ down() {
 }
 
 case ${1:-} in
-    up) shift; up "$@" ;;
-    down) down ;;
+    up) shift; refuse_foreign; up "$@" ;;
+    down) refuse_foreign; down ;;
     status) sinfo -N -l ;;
     *) echo "usage: $0 up [--nodes N] | down | status" >&2; exit 2 ;;
 esac
