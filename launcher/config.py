@@ -417,6 +417,9 @@ def deepspeed_config(cfg: Config, world_size: int, total_steps: int, precision: 
                               "contiguous_gradients": contiguous},
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "initial_scale_power": 12},
+        # DeepSpeed >= 0.19 casts parameters but keeps buffers in fp32 unless told otherwise, and
+        # BatchNorm cannot mix bf16/fp16 weights with fp32 running statistics.
+        **({"data_types": {"buffer_dtype": precision}} if precision in ("bf16", "fp16") else {}),
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }

@@ -124,8 +124,10 @@ class TappedModel(nn.Module):
                 x = x.mean(dim=1, keepdim=True)  # (b, 1, h, w): an RGB-saved grayscale image
             else:
                 raise ValueError(f"model takes {self.in_chans} channels, got images with {c}")
-        # Follow the buffers' dtype: deepspeed casts the whole module (buffers too) to fp16/bf16.
-        return (x.to(self.mean.dtype) - self.mean) / self.std
+        # Normalise in fp32, then feed the model its parameters' dtype: DeepSpeed's bf16/fp16
+        # training engine casts parameters but not these buffers, its inference engine both.
+        x = (x.float() - self.mean.float()) / self.std.float()
+        return x.to(next(self.model.parameters()).dtype)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         x = self.normalise(x)  # (b, in_chans, h, w)

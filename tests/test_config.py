@@ -188,6 +188,8 @@ def test_deepspeed_config_is_derived_from_the_config(precision):
     assert ds["gradient_clipping"] == cfg.train.grad_clip
     assert ds["bf16"]["enabled"] is (precision == "bf16")
     assert ds["fp16"]["enabled"] is (precision == "fp16")
+    # BatchNorm's running statistics follow the weights into bf16/fp16 (DeepSpeed would keep them fp32).
+    assert ds.get("data_types", {}).get("buffer_dtype") == (None if precision == "fp32" else precision)
 
 
 @pytest.mark.parametrize("setting, world, expected", [

@@ -5,7 +5,9 @@ These start real processes (about 20 s each, most of it DeepSpeed start-up): mar
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -88,6 +90,26 @@ def test_single_process_supervised_mode_trains_without_teacher(cxr_shards, tmp_p
     assert "world 1" in proc.stdout and "supervised: resnet18" in proc.stdout
     saved = torch.load(tmp_path / "teacher" / "final" / "model.pt", weights_only=True)
     assert saved["meta"]["arch"] == "resnet18" and not saved["adapters"]
+
+
+@pytest.mark.slow
+def test_bf16_distillation_runs_end_to_end_with_a_bf16_teacher(cxr_shards, random_teacher, tmp_path):
+    """The mixed-precision path a GPU takes by default (precision auto = bf16 there), forced on
+    CPU: student engine in bf16 with bf16 BatchNorm buffers, teacher in init_inference in bf16,
+    fp32 images in; the run trains, validates and exports."""
+    proc = run(python_cmd(*_tiny(cxr_shards, tmp_path, random_teacher, "--set", "train.precision=bf16",
+                                 "--set", "teacher.dtype=bf16")))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "ZeRO-2, bf16" in proc.stdout
+    run_dir = tmp_path / "student"
+    ds = json.loads((run_dir / "deepspeed.main.json").read_text())
+    assert ds["bf16"]["enabled"] and ds["data_types"]["buffer_dtype"] == "bf16"
+    losses = [float(m.group(1)) for m in re.finditer(r"loss=([0-9.]+)", proc.stdout)]
+    assert len(losses) == 3 and all(map(math.isfinite, losses))
+    exported = torch.load(run_dir / "final" / "model.pt", weights_only=True)
+    student = create_tapped_model(exported["meta"]["arch"], exported["meta"]["num_classes"], in_chans=1)
+    student.model.load_state_dict(exported["model"])
+    assert json.loads((run_dir / "metrics.json").read_text())["student/test"]["samples"] > 0
 
 
 @pytest.mark.parametrize("override, named", [

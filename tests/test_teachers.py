@@ -203,3 +203,21 @@ def test_pretrained_file_loads_published_weights_with_a_new_head_and_adapted_ste
     torch.testing.assert_close(tapped.model.conv1.weight, published.conv1.weight.sum(1, keepdim=True))
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         create_tapped_model("resnet18", 14, pretrained_file=str(tmp_path / "missing.pth"))
+
+
+@pytest.mark.parametrize("name, in_chans", [("resnet18", 3), ("rmsnet_xxs", 1)])
+def test_half_precision_parameters_take_fp32_images_and_normalise_in_fp32(name, in_chans):
+    """DeepSpeed's bf16 engine casts parameters, not the wrapper's mean/std buffers; images arrive
+    as fp32 from the loader or already cast. Either way the model is fed its parameters' dtype,
+    after an fp32 normalisation equal to the fp32 model's."""
+    torch.manual_seed(0)
+    m = create_tapped_model(name, 4, in_chans=in_chans)
+    x = torch.rand(2, 1, 48, 48)
+    reference = m.normalise(x)
+    m.model.to(torch.bfloat16)
+    assert m.mean.dtype == torch.float32  # left alone, as DeepSpeed leaves it
+    assert torch.equal(m.normalise(x), reference.to(torch.bfloat16))
+    for images in (x, x.to(torch.bfloat16)):
+        logits, feats = m(images)
+        assert logits.dtype == torch.bfloat16 and all(f.dtype == torch.bfloat16 for f in feats)
+        assert m.forward_logits(images).shape == (2, 4)
