@@ -61,7 +61,7 @@ from rmsnet.losses import (attention_transfer_loss, focal_loss, kd_loss,  # noqa
 from rmsnet.teachers import create_tapped_model, create_teacher  # noqa: E402
 
 PATHS = ("project", "hand")
-LABELS = {"project": "project (DeepSpeed ZeRO-2 + train_step)", "hand": "hand-written torch loop"}
+LABELS = {"project": "project (DeepSpeed ZeRO-{stage} + train_step)", "hand": "hand-written torch loop"}
 MiB = 2 ** 20
 
 
@@ -406,7 +406,8 @@ def main(argv=None) -> int:
     split_ms = {p: {k: median([t[k] for t in split[p]]) * 1e3
                     for k in phases if split[p] and k in split[p][0]} for p in PATHS}
     load_ms = median([x["ms_per_batch"] for x in loading if x["ms_per_batch"]]) if loading else None
-    rows = [[LABELS[p], med[p], a.batch_size / med[p] * 1e3, min(sps[p]), max(sps[p])] for p in PATHS]
+    labels = {p: LABELS[p].format(stage=ds_config["zero_optimization"]["stage"]) for p in PATHS}
+    rows = [[labels[p], med[p], a.batch_size / med[p] * 1e3, min(sps[p]), max(sps[p])] for p in PATHS]
     print("\n" + table(["path", "samples/s (median)", "ms/step", "min", "max"], rows))
     best = max(sps["project"]) / max(sps["hand"])  # the least disturbed round of each path
     print(f"\nproject / hand-written = {ratio:.3f} (median of {a.rounds} paired rounds); "
@@ -436,7 +437,7 @@ def main(argv=None) -> int:
         persistent = {p: None for p in PATHS}
     kind = "CUDA allocated" if cuda else "RSS"
     print("\n" + table([f"memory (MiB, {kind})", "setup + first step (persistent)", "peak during a step"],
-                       [[LABELS[p], mib(persistent[p]), mib(step_peak[p])] for p in PATHS]))
+                       [[labels[p], mib(persistent[p]), mib(step_peak[p])] for p in PATHS]))
     print(f"process peak RSS (ru_maxrss): {mib(maxrss)} MiB")
     loss_diff = abs(first["project"]["loss"] - first["hand"]["loss"])
     print(f"first-step loss: project {first['project']['loss']:.6f}, hand {first['hand']['loss']:.6f} "
