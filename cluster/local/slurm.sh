@@ -204,6 +204,7 @@ down() {
     for _ in $(seq 50); do { pgrep -x slurmd || pgrep -x slurmctld; } >/dev/null || break; sleep 0.1; done
     for ns in $(ip netns list 2>/dev/null | awk '/^rms-node/ {print $1}'); do ip netns del "$ns"; done
     ip link del "$BRIDGE" 2>/dev/null || true
+    hosts_entries 0
     rm -rf "$STATE"/ctld "$STATE"/slurmd-*
     [ -n "$quiet" ] || log "stopped"
 }
