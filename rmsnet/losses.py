@@ -203,7 +203,8 @@ def _alpha_tensor(
             return None
         if alpha > 1:
             raise ValueError(f"focal_loss: scalar alpha must be in [0, 1] (or negative/None), got {alpha}")
-        return torch.tensor(float(alpha), dtype=like.dtype, device=like.device)
+        # A fill on the device, not a host-to-device copy (which synchronises on a GPU every step).
+        return torch.full((), float(alpha), dtype=like.dtype, device=like.device)
     vec = torch.as_tensor(alpha, dtype=like.dtype, device=like.device).flatten()
     if vec.numel() == 1:
         return _alpha_tensor(float(vec.item()), num_classes, like)
