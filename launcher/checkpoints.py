@@ -125,10 +125,24 @@ def restore_rank_state(engine, ckpt_dir: Path, tag: str) -> None:
 
 
 def consolidated_state_dict(engine) -> dict:
-    """The full module state dict on every rank (ZeRO-3 partitions parameters: gather them)."""
-    if engine.zero_optimization_stage() == 3:
+    """The full module state dict on every rank, in fp32 (collective: every rank must call).
+
+    fp32 training: the module's own tensors (ZeRO-3 partitions parameters: gather them). bf16/fp16
+    training: the optimizer's fp32 master weights, not the rounded 16-bit copies the forward
+    used, so an export (or the next stage, which starts from it) loses nothing."""
+    if engine.zero_optimization_stage() == 3 and not (engine.bfloat16_enabled() or engine.fp16_enabled()):
         return engine._zero3_consolidated_16bit_state_dict()
-    return engine.module.state_dict()
+    if not (engine.bfloat16_enabled() or engine.fp16_enabled()):
+        return engine.module.state_dict()
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    params = dict(engine.module.named_parameters())
+    full = {}
+    for name, t in engine.module.state_dict(keep_vars=True).items():  # the same order on every rank
+        master = safe_get_full_fp32_param(t) if name in params else None
+        t = master if master is not None else t.detach()
+        full[name] = t.float() if t.is_floating_point() else t
+    return full
 
 
 def export_student(engine, path: Path, meta: dict, is_main: bool) -> None:

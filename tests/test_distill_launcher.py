@@ -110,6 +110,10 @@ def test_bf16_distillation_runs_end_to_end_with_a_bf16_teacher(cxr_shards, rando
     student = create_tapped_model(exported["meta"]["arch"], exported["meta"]["num_classes"], in_chans=1)
     student.model.load_state_dict(exported["model"])
     assert json.loads((run_dir / "metrics.json").read_text())["student/test"]["samples"] > 0
+    # The export holds the optimizer's fp32 master weights, not the bf16 copies the forward used.
+    weights = [v for k, v in exported["model"].items() if k.endswith(".weight")]
+    assert all(w.dtype == torch.float32 for w in weights)
+    assert any(not torch.equal(w, w.to(torch.bfloat16).float()) for w in weights)
 
 
 @pytest.mark.parametrize("override, named", [
