@@ -130,9 +130,9 @@ def consolidated_state_dict(engine) -> dict:
     fp32 training: the module's own tensors (ZeRO-3 partitions parameters: gather them). bf16/fp16
     training: the optimizer's fp32 master weights, not the rounded 16-bit copies the forward
     used, so an export (or the next stage, which starts from it) loses nothing."""
-    if engine.zero_optimization_stage() == 3 and not (engine.bfloat16_enabled() or engine.fp16_enabled()):
-        return engine._zero3_consolidated_16bit_state_dict()
     if not (engine.bfloat16_enabled() or engine.fp16_enabled()):
+        if engine.zero_optimization_stage() == 3:
+            return engine._zero3_consolidated_16bit_state_dict()
         return engine.module.state_dict()
     from deepspeed.utils import safe_get_full_fp32_param
 
