@@ -53,3 +53,19 @@ def split_shards(shard_dir, split: str):
         if not Path(f).is_file():
             raise FileNotFoundError(f"{f}: shard listed in the manifest is missing")
     return manifest, tars, idxs
+
+
+def split_patients(shard_dir, split: str) -> dict[int, str]:
+    """Sample id -> patient id of every sample of a split, read from the shards' `.json` members
+    (for statistics that resample patients, not images)."""
+    from data_pipeline.shard_format import ID_EXT, META_EXT, decode_sid, read_shard
+
+    _, tars, _ = split_shards(shard_dir, split)
+    out: dict[int, str] = {}
+    for tar in tars:
+        for key, members in read_shard(Path(tar)):
+            if ID_EXT not in members or META_EXT not in members:
+                raise ValueError(f"{tar}: sample {key} has no .{ID_EXT} or .{META_EXT} member")
+            patient = json.loads(members[META_EXT]).get("patient")
+            out[decode_sid(members[ID_EXT])] = str(key if patient is None else patient)
+    return out

@@ -194,6 +194,10 @@ class TrainConfig:
     """Write the sample ids of every step to <run>/sample_ids/rank<r>.txt (audits data order)."""
     early_stopping_patience: int = 0
     """Stop after this many validated epochs without a gain in validation mean AUROC (0 = off)."""
+    grad_shares_every: int = 0
+    """Every this many optimizer steps, log each loss term's gradient norm over the student's
+    parameters and its share of their sum (`train/grad_share/<term>`): which term drives the
+    update. One extra backward pass per term on those steps; 0 = off. ZeRO stage 0-2 only."""
 
     def __post_init__(self):
         if self.zero_stage not in (0, 1, 2, 3):
@@ -206,6 +210,11 @@ class TrainConfig:
         for k in ("weight_decay", "grad_clip", "min_lr_ratio", "momentum"):
             if not getattr(self, k) >= 0:
                 raise ConfigError(f"train.{k} must be >= 0")
+        if self.grad_shares_every < 0:
+            raise ConfigError("train.grad_shares_every must be >= 0")
+        if self.grad_shares_every and self.zero_stage == 3:
+            raise ConfigError("train.grad_shares_every needs whole parameters on every rank: ZeRO stage "
+                              "0-2 (stage 3 partitions them)")
 
 
 @dataclass

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import sys
 from pathlib import Path
@@ -33,7 +34,7 @@ from launcher.engine import run_epoch
 from launcher.monitor import Monitor, NullMonitor, Progress
 from launcher.plots import attention_figure, roc_figure
 from launcher.preemption import EXIT_PREEMPTED, PREEMPTED_MARKER, Preempted, StopRequest
-from launcher.validation import BestTracker, evaluate_split
+from launcher.validation import BestTracker, evaluate_split, save_predictions
 from rmsnet.metrics import format_auroc_table
 from rmsnet.objective import DistillTask
 from rmsnet.teachers import create_tapped_model, create_teacher
@@ -189,7 +190,8 @@ def main(argv=None) -> int:
                                  monitor=monitor, progress=progress, epoch=epoch,
                                  skip_batches=pos.batch if resuming_here else 0,
                                  save_every=cfg.train.checkpoint_every_steps, save=save_inside,
-                                 sample_log=sample_log, stop=stop_request)
+                                 sample_log=sample_log, stop=stop_request,
+                                 grad_shares_every=cfg.train.grad_shares_every)
                 if stage.loss.task_weight > 0 or stage.loss.kd_weight > 0:  # the head is trained
                     engine.eval()  # BatchNorm must use (not update) its running statistics
                     val = evaluate_split(engine.module.student.forward_logits, val_loader, engine.device,
@@ -256,8 +258,12 @@ def main(argv=None) -> int:
             "image_size": cfg.data.image_size, "label_names": manifest["label_names"],
             "multilabel": manifest["multilabel"], "step": step, "mode": cfg.run.mode}
     export_student(engine, run_dir / "final" / "model.pt", meta, env.is_main)
-    if env.is_main:
-        (run_dir / "metrics.json").write_text(json.dumps(results, indent=1))
+    if env.is_main:  # predictions first: metrics.json is what marks the run finished
+        for name, s in scores.items():
+            if s:  # (no teacher scores in a supervised run)
+                save_predictions(run_dir / "predictions" / f"{name.replace('/', '_')}.npz", s)
+        (run_dir / "metrics.json.part").write_text(json.dumps(results, indent=1))
+        os.replace(run_dir / "metrics.json.part", run_dir / "metrics.json")
         monitor.hparams({"student": cfg.student.name, "teacher": cfg.teacher.name, "mode": cfg.run.mode,
                          "lr": cfg.train.lr, "stages": ",".join(s.name for s in stages),
                          "kd_weight": stages[-1].loss.kd_weight, "at_weight": stages[-1].loss.at_weight,

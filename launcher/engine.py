@@ -8,7 +8,7 @@ import torch
 
 from launcher.dist import all_gather_cat, average_batchnorm_stats
 from launcher.preemption import Preempted
-from rmsnet.objective import TERMS
+from rmsnet.objective import TERMS, term_gradient_norms
 
 
 def teacher_forward(teacher, images: torch.Tensor, dtype: torch.dtype, with_features: bool):
@@ -22,11 +22,14 @@ def teacher_forward(teacher, images: torch.Tensor, dtype: torch.dtype, with_feat
     return logits, feats
 
 
-def train_step(engine, teacher, batch, teacher_dtype, timings: dict | None = None) -> dict:
+def train_step(engine, teacher, batch, teacher_dtype, timings: dict | None = None,
+               grad_norms: dict | None = None) -> dict:
     """One micro-step: teacher forward, student forward + loss, backward, (accumulated) step.
 
     Returns the loss terms as detached tensors; the caller calls .item() on logging steps only.
-    When `timings` is a dict, teacher and student times are measured (with a device sync).
+    When `timings` is a dict, teacher and student times are measured (with a device sync); when
+    `grad_norms` is a dict, it receives each weighted term's gradient norm over the student's
+    parameters on this rank's micro-batch (rmsnet.objective.term_gradient_norms).
     """
     images = batch["image"].to(engine.device, non_blocking=True)
     targets = batch["label"].to(engine.device, non_blocking=True)
@@ -38,6 +41,9 @@ def train_step(engine, teacher, batch, teacher_dtype, timings: dict | None = Non
     sync()
     t1 = time.perf_counter()
     out = engine(images, targets, t_logits, t_feats)
+    if grad_norms is not None:
+        params = [p for p in task.student.parameters() if p.requires_grad]
+        grad_norms.update(term_gradient_norms(out, task.weights(), params))
     engine.backward(out["loss"])
     engine.step()
     sync()
@@ -69,7 +75,7 @@ def predict(forward_logits, loader, device, multilabel: bool):
 def run_epoch(engine, teacher, loader, *, teacher_dtype, student_dtype, accum: int, step: int,
               last_step: int, log_every: int, global_batch: int, monitor, progress, epoch: int,
               skip_batches: int = 0, save_every: int = 0, save=None, sample_log=None,
-              stop=None) -> int:
+              stop=None, grad_shares_every: int = 0) -> int:
     """Train one epoch (or until `last_step`); log every `log_every` optimizer steps; return step.
 
     The loader is always drained to its end (DALI requires it before the next pipeline starts);
@@ -77,7 +83,9 @@ def run_epoch(engine, teacher, loader, *, teacher_dtype, student_dtype, accum: i
     Every `save_every` optimizer steps inside the epoch, `save(batches_done, step)` checkpoints;
     `sample_log(step, sids)`, when given, records which samples each step consumed. `stop`
     (launcher.preemption.StopRequest) is asked after every optimizer step inside the epoch; when
-    the ranks agree to stop, they checkpoint there and raise Preempted.
+    the ranks agree to stop, they checkpoint there and raise Preempted. Every `grad_shares_every`
+    optimizer steps (0 = never) each loss term's gradient norm and its share of their sum are logged
+    (`train/grad_norm/<term>`, `train/grad_share/<term>`), from rank 0's micro-batch.
     """
     engine.train()
     t_log, last_log = time.perf_counter(), step
@@ -86,8 +94,16 @@ def run_epoch(engine, teacher, loader, *, teacher_dtype, student_dtype, accum: i
             continue
         log_now = (step + 1) % log_every == 0 or step + 1 == last_step
         timings = {} if log_now else None
+        shares_now = bool(grad_shares_every) and (step + 1) % grad_shares_every == 0 and (i + 1) % accum == 0
+        grad_norms = {} if shares_now else None
         batch["image"] = batch["image"].to(student_dtype)
-        terms = train_step(engine, teacher, batch, teacher_dtype, timings)
+        terms = train_step(engine, teacher, batch, teacher_dtype, timings, grad_norms)
+        if grad_norms:
+            norms = {k: v.item() for k, v in grad_norms.items()}
+            total = sum(norms.values())
+            monitor.scalars({f"grad_norm/{k}": v for k, v in norms.items()}, step + 1, "train/")
+            monitor.scalars({f"grad_share/{k}": v / total for k, v in norms.items() if total > 0},
+                            step + 1, "train/")
         if sample_log is not None:
             sample_log(step + 1, batch["sid"])
         if (i + 1) % accum:

@@ -17,19 +17,24 @@ from launcher.engine import predict
 from rmsnet.metrics import classification_summary
 
 
-def score_split(forward_logits, loader, device, manifest, dtype):
-    """(probs, targets) of a split, every sample exactly once, on every rank."""
-    probs, targets, _ = predict(lambda x: forward_logits(x.to(dtype)), loader, device,
-                                manifest["multilabel"])
-    return probs, targets
-
-
 def evaluate_split(forward_logits, loader, device, manifest, dtype, scores: dict | None = None) -> dict:
-    """Per-class AUROC & co. of one split; `scores`, when given, receives probs and targets."""
-    probs, targets = score_split(forward_logits, loader, device, manifest, dtype)
+    """Per-class AUROC & co. of one split, every sample scored exactly once, on every rank;
+    `scores`, when given, receives the probs, targets and sample ids (sid) it was computed from."""
+    probs, targets, sids = predict(lambda x: forward_logits(x.to(dtype)), loader, device,
+                                   manifest["multilabel"])
     if scores is not None:
-        scores.update(probs=probs, targets=targets)
+        scores.update(probs=probs, targets=targets, sid=sids)
     return classification_summary(probs, targets, manifest["label_names"], manifest["multilabel"])
+
+
+def save_predictions(path: Path, scores: dict) -> None:
+    """One model's scores on one split (sid, probs, targets), atomically: what sweeps compare."""
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part.npz")
+    np.savez_compressed(tmp, sid=scores["sid"], probs=scores["probs"], targets=scores["targets"])
+    os.replace(tmp, path)
 
 
 class BestTracker:

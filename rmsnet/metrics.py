@@ -175,28 +175,50 @@ def bootstrap_resamples(n: int, reps: int, seed: int):
 def bootstrap_auroc_replicates(scores: np.ndarray, targets: np.ndarray, reps: int = 1000,
                                seed: int = 0) -> np.ndarray:
     """Per-class AUROC of `reps` resamples of the rows (with replacement): (reps, C), NaN where a
-    resample lacks positives or negatives of a class.
-
-    Each resample is scored exactly (ties half credit, as `auroc`) without re-sorting: a resample
-    is a count w_i per original sample, and with the scores sorted once per class
-    AUROC = sum_g P_g (N_below_g + N_g / 2) / (P N) over tie groups g of weighted positives P_g and
-    negatives N_g. Vectorised over a chunk of resamples.
-    """
+    resample lacks positives or negatives of a class. Scored exactly by `weighted_auroc`."""
     scores = np.asarray(scores, dtype=np.float64)
-    targets = np.asarray(targets).astype(bool)
-    n, classes = scores.shape
-    prepared = []
-    for c in range(classes):
-        order = np.argsort(scores[:, c], kind="mergesort")
-        starts = np.r_[0, np.flatnonzero(np.diff(scores[order, c])) + 1]  # tie groups, ascending
-        prepared.append((order, targets[order, c], starts))
-    out = np.full((reps, classes), np.nan)
+    n = scores.shape[0]
+    ranked = RankedScores(scores, targets)
+    out = np.full((reps, scores.shape[1]), np.nan)
     row = 0
     for idx in bootstrap_resamples(n, reps, seed):
         k = idx.shape[0]
-        offsets = (idx + n * np.arange(k)[:, None]).ravel()
-        counts = np.bincount(offsets, minlength=k * n).reshape(k, n).astype(np.float64)  # (k, n)
-        for c, (order, pos_mask, starts) in enumerate(prepared):
+        out[row:row + k] = ranked.weighted_auroc(resample_counts(idx, n))
+        row += k
+    return out
+
+
+def resample_counts(idx: np.ndarray, n: int) -> np.ndarray:
+    """(k, n) index arrays of resamples -> (k, n) float counts: how often each row was drawn."""
+    k = idx.shape[0]
+    offsets = (idx + n * np.arange(k)[:, None]).ravel()
+    return np.bincount(offsets, minlength=k * n).reshape(k, n).astype(np.float64)
+
+
+class RankedScores:
+    """Scores sorted once per class, for exact AUROC under many weightings of the rows.
+
+    A resample is a count w_i per original sample; with the scores sorted once per class,
+    AUROC = sum_g P_g (N_below_g + N_g / 2) / (P N) over tie groups g of weighted positives P_g and
+    negatives N_g (ties get half credit, as `auroc`), without re-sorting. Vectorised over a chunk
+    of weightings.
+    """
+
+    def __init__(self, scores: np.ndarray, targets: np.ndarray):
+        scores = np.asarray(scores, dtype=np.float64)
+        targets = np.asarray(targets).astype(bool)
+        self.classes = scores.shape[1]
+        self.prepared = []
+        for c in range(self.classes):
+            order = np.argsort(scores[:, c], kind="mergesort")
+            starts = np.r_[0, np.flatnonzero(np.diff(scores[order, c])) + 1]  # tie groups, ascending
+            self.prepared.append((order, targets[order, c], starts))
+
+    def weighted_auroc(self, counts: np.ndarray) -> np.ndarray:
+        """counts (k, n) -> per-class AUROC (k, C); NaN where a weighting has no positives or no
+        negatives of a class."""
+        out = np.full((counts.shape[0], self.classes), np.nan)
+        for c, (order, pos_mask, starts) in enumerate(self.prepared):
             w = counts[:, order]  # (k, n) in ascending score order
             pos = np.add.reduceat(w * pos_mask, starts, axis=1)  # (k, groups)
             neg = np.add.reduceat(w * ~pos_mask, starts, axis=1)
@@ -204,9 +226,8 @@ def bootstrap_auroc_replicates(scores: np.ndarray, targets: np.ndarray, reps: in
             p_tot, n_tot = pos.sum(1), neg.sum(1)
             ok = (p_tot > 0) & (n_tot > 0)
             u = (pos * (below + 0.5 * neg)).sum(1)
-            out[row:row + k, c] = np.where(ok, u / np.where(ok, p_tot * n_tot, 1.0), np.nan)
-        row += k
-    return out
+            out[:, c] = np.where(ok, u / np.where(ok, p_tot * n_tot, 1.0), np.nan)
+        return out
 
 
 def replicate_means(replicates: np.ndarray) -> np.ndarray:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+import torch
 from torch import Tensor, nn
 
 from rmsnet.losses import (attention_transfer_loss, focal_loss, hint_loss, kd_loss,
@@ -90,3 +91,19 @@ class DistillTask(nn.Module):
         out = {"loss": loss, "logits": logits}
         out.update(terms)
         return out
+
+
+def term_gradient_norms(out: dict[str, Tensor], weights: dict[str, float], params) -> dict[str, Tensor]:
+    """||d(w_k * L_k) / d theta||_2 of each weighted term k of the objective, over `params`.
+
+    Shows which term drives the update (a term whose weight makes its gradient 100x the task's
+    dominates training whatever its loss value looks like). One extra backward pass per term,
+    through the retained graph; the parameters' .grad is not touched (torch.autograd.grad with
+    explicit inputs runs no accumulation), so the step that follows is unchanged.
+    """
+    norms = {}
+    for k in TERMS:
+        if k in out and weights.get(k, 0) > 0 and out[k].requires_grad:
+            grads = torch.autograd.grad(weights[k] * out[k], params, retain_graph=True, allow_unused=True)
+            norms[k] = torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None))
+    return norms
