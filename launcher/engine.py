@@ -40,10 +40,9 @@ def train_step(engine, teacher, batch, teacher_dtype, timings: dict | None = Non
         if task.needs_teacher() else (None, None)
     sync()
     t1 = time.perf_counter()
+    if grad_norms is not None:  # a probe on copies of the parameters: the step below is unchanged
+        grad_norms.update(term_gradient_norms(task, images, targets, t_logits, t_feats))
     out = engine(images, targets, t_logits, t_feats)
-    if grad_norms is not None:
-        params = [p for p in task.student.parameters() if p.requires_grad]
-        grad_norms.update(term_gradient_norms(out, task.weights(), params))
     engine.backward(out["loss"])
     engine.step()
     sync()

@@ -4,4 +4,3 @@ Importing the package imports `rmsnet.model`, which registers the RMS-Net varian
 rmsnet_xs) with timm's model registry, so `timm.create_model("rmsnet_xxs")` works afterwards.
 """
 from . import model  # noqa: F401  (registration side effect)
-from . import small_input  # noqa: F401  (registers resnet18_s2, a teacher for small inputs)

@@ -93,17 +93,31 @@ class DistillTask(nn.Module):
         return out
 
 
-def term_gradient_norms(out: dict[str, Tensor], weights: dict[str, float], params) -> dict[str, Tensor]:
-    """||d(w_k * L_k) / d theta||_2 of each weighted term k of the objective, over `params`.
+def term_gradient_norms(task: "DistillTask", images: Tensor, targets: Tensor,
+                        teacher_logits: Optional[Tensor] = None,
+                        teacher_feats: Optional[list[Tensor]] = None) -> dict[str, Tensor]:
+    """||d(w_k * L_k) / d theta||_2 of each weighted term k of the objective, over the student's
+    parameters theta, on this batch.
 
-    Shows which term drives the update (a term whose weight makes its gradient 100x the task's
-    dominates training whatever its loss value looks like). One extra backward pass per term,
-    through the retained graph; the parameters' .grad is not touched (torch.autograd.grad with
-    explicit inputs runs no accumulation), so the step that follows is unchanged.
+    Shows which term drives the update: a term whose weight makes its gradient 100x the task's
+    dominates training (and, under gradient clipping, shrinks every other term's step) whatever its
+    loss value looks like. A probe beside the training step, which it leaves exactly as it was:
+    the forward runs on detached copies of the parameters and buffers (`torch.func.functional_call`),
+    so no gradient reaches the real parameters or their hooks (a data-parallel engine reduces
+    gradients from such hooks), BatchNorm statistics are not updated, and the random state
+    (dropout) is restored. One forward and one backward per term.
     """
+    params = {n: p.detach().clone().requires_grad_(p.requires_grad) for n, p in task.named_parameters()}
+    buffers = {n: b.clone() for n, b in task.named_buffers()}
+    devices = [images.device] if images.is_cuda else []
+    with torch.random.fork_rng(devices=devices):
+        out = torch.func.functional_call(task, {**params, **buffers},
+                                         (images, targets, teacher_logits, teacher_feats))
+    student = [p for n, p in params.items() if n.startswith("student.") and p.requires_grad]
+    weights = task.weights()
     norms = {}
     for k in TERMS:
-        if k in out and weights.get(k, 0) > 0 and out[k].requires_grad:
-            grads = torch.autograd.grad(weights[k] * out[k], params, retain_graph=True, allow_unused=True)
+        if k in out and weights[k] > 0 and out[k].requires_grad:
+            grads = torch.autograd.grad(weights[k] * out[k], student, retain_graph=True, allow_unused=True)
             norms[k] = torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None))
     return norms

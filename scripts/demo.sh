@@ -13,7 +13,8 @@ N=${DEMO_IMAGES:-3000}
 RANKS=${DEMO_RANKS:-2}
 
 echo "== 1/5 synthetic ChestX-ray14 stand-in ($N images, real layout) -> $OUT/data/cxr"
-rm -rf "$OUT"
+# only what the demo itself writes: other runs under $OUT are the user's
+rm -rf "$OUT/data/cxr" "$OUT/data/cxr_shards" "$OUT/demo"
 python -m data_pipeline.synthetic --kind cxr --out "$OUT/data/cxr" --n "$N" --size 128 --seed 0 --workers 2
 echo "== 2/5 shards"
 python -m data_pipeline.build_shards --dataset chestxray14 --root "$OUT/data/cxr" \

@@ -278,3 +278,30 @@ def test_local_slurm_script_never_touches_a_slurm_it_did_not_configure(nodes, ac
     assert "was not written by this script" in proc.stderr
     assert (tmp_path / "slurm.conf").read_text().startswith("ClusterName=production")
     assert _slurm_nodes() == nodes, "the running SLURM was left alone"
+
+
+def test_sweep_runs_as_an_array_job_and_a_report_job_after_it(nodes, cxr_shards, random_teacher, tmp_path):
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, str(REPO / "launcher" / "sweep.py"), "--config", str(CFG), "--out", str(out),
+           "--set", f"data.shards={cxr_shards}", "--set", f"teacher.checkpoint={random_teacher}",
+           "--set", "data.image_size=48", "--set", "train.epochs=1", "--set", "train.batch_size_per_gpu=4",
+           "--arm", "alone=run.mode=supervised", "--arm", "kd=loss.at_weight=0 loss.sp_weight=0",
+           "--seeds", "0", "--compare", "kd", "alone", "--bootstrap", "50", "--slurm",
+           "--sbatch-args", " ".join(CPU_TASKS)]
+    env = dict(os.environ, PYTHON=sys.executable)
+    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    array = re.search(r"submitted array job (\d+): 2 runs", res.stdout).group(1)
+    report = re.search(r"submitted report job (\d+)", res.stdout).group(1)
+    info = wait_for(report)
+    assert info["JobState"] == "COMPLETED", (info, *[p.read_text() for p in (out / "logs").glob("slurm-*")])
+    for arm in ("alone", "kd"):
+        assert (out / "runs" / arm / "default" / "seed0" / "metrics.json").is_file()
+        logs = list((out / "runs" / arm / "default" / "seed0" / "logs").glob("job*-restart0/rank0.log"))
+        assert logs, f"{arm}: no rank log from distill.sbatch under srun"
+    assert f"array job {array}" in "".join(p.read_text() for p in (out / "logs").glob(f"slurm-{array}_*.out"))
+    assert "| kd − alone |" in (out / "sweep.md").read_text()
+    # everything finished: a second submission runs no array task, only the report
+    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "submitted array job" not in res.stdout, res.stdout + res.stderr
+    wait_for(re.search(r"submitted report job (\d+)", res.stdout).group(1))
