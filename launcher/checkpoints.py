@@ -61,7 +61,9 @@ def save(engine, ckpt_dir: Path, stage_name: str, pos: Position, keep: int, is_m
     state = {"cpu": torch.get_rng_state(), "batchnorm": own_bn}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
-    torch.save(state, ckpt_dir / tag / f"rank{torch.distributed.get_rank()}_state.pt")
+    path = ckpt_dir / tag / f"rank{torch.distributed.get_rank()}_state.pt"
+    torch.save(state, path.with_name(path.name + ".part"))  # atomic: DeepSpeed's `latest` already
+    os.replace(path.with_name(path.name + ".part"), path)  # names this tag, a kill must not truncate it
     with torch.no_grad():
         buffers = dict(engine.module.named_buffers())
         for n, b in own_bn.items():

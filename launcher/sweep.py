@@ -42,10 +42,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python launcher/sweep.py` from a checkout
     sys.path.insert(0, str(REPO))
 
+from launcher import sweep_report  # noqa: E402
 from launcher.config import ConfigError, load_config  # noqa: E402
+from launcher.sweep_report import FINISHED  # noqa: E402
 
 PLAN = "sweep.json"
-FINISHED = "metrics.json"  # distill.py writes it last
 
 
 # ------------------------------------------------------------------------------------- the plan
@@ -219,10 +220,9 @@ def run_local(out: Path, plan: dict) -> list[dict]:
             rc = subprocess.run(launch_command(r, plan["ranks"]), cwd=Path.cwd(), stdout=f,
                                 stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1")).returncode
         took = time.time() - start
-        if rc == 0 and is_finished(out, r):
-            m = json.loads((out / r["run_dir"] / FINISHED).read_text())
-            val, test = (m[f"student/{r[s]}"]["mean_auroc"] for s in ("val_split", "test_split"))
-            print(f"      done in {took:.0f} s: val {val:.4f}, test {test:.4f}", flush=True)
+        result = sweep_report.run_result(out, r) if rc == 0 else None
+        if result is not None:
+            print(f"      done in {took:.0f} s: val {result['val']:.4f}, test {result['test']:.4f}", flush=True)
         else:
             print(f"      FAILED (exit {rc}) after {took:.0f} s: see {log}", flush=True)
             failed.append(r)
@@ -310,7 +310,6 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
-    from launcher import sweep_report
     try:
         if args.shell_run is not None:
             print(shell_assignments(out, args.shell_run))

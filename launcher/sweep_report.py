@@ -19,7 +19,7 @@ import numpy as np
 
 from launcher.compare import paired_runs
 
-FINISHED = "metrics.json"
+FINISHED = "metrics.json"  # launcher/distill.py writes it last: a run with it is finished
 
 
 def _hp_label(hp: dict) -> str:
