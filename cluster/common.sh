@@ -27,8 +27,13 @@ set_rendezvous() {
     # (say, sbatch called from inside a torchrun job) would override them in launcher/dist.py.
     unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE LOCAL_SIZE TORCHELASTIC_RUN_ID
     MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-    # Not an inherited MASTER_PORT: a stale one from the submitting shell may be taken.
-    MASTER_PORT=${RMS_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+    # Not an inherited MASTER_PORT: a stale one from the submitting shell may be taken. The batch
+    # script runs on the allocation's first node (MASTER_ADDR), so a port free there now is the
+    # one for rank 0; two jobs sharing a node then never pick the same one. Fallback: the job id.
+    local free
+    free=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])' \
+           2>/dev/null) || free=$((20000 + SLURM_JOB_ID % 20000))
+    MASTER_PORT=${RMS_MASTER_PORT:-$free}
     export MASTER_ADDR MASTER_PORT
 }
 

@@ -2,7 +2,9 @@
 
 Supported launches (detected in this order):
 * `deepspeed launcher/distill.py ...` or `torchrun`: RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and
-  MASTER_PORT are set by the launcher (DeepSpeed also appends `--local_rank=N`).
+  MASTER_PORT are set by the launcher (DeepSpeed also appends `--local_rank=N`). A one-host
+  deepspeed job given no --master_port gets a free port instead of deepspeed's fixed default
+  (`agree_local_port`), so two jobs on one machine do not collide.
 * `srun` under SLURM, one task per GPU: SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS give the ranks
   (DeepSpeed itself reads no SLURM_* variable); MASTER_ADDR / MASTER_PORT must be exported by the
   sbatch script (see `cluster/`).
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +45,67 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+DEEPSPEED_DEFAULT_PORT = "29500"  # deepspeed --master_port's default (deepspeed.constants)
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def _parent_of(pid: int) -> int:
+    try:  # field 4 of /proc/<pid>/stat, after the parenthesised command name
+        return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def port_file(launcher_pid: int) -> Path:
+    """Where the ranks of one local deepspeed job agree on their port (named after the job's
+    deepspeed.launcher.launch process, their common parent, and its start time)."""
+    try:
+        started = Path(f"/proc/{launcher_pid}/stat").read_text().rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        started = "0"
+    return Path(os.environ.get("TMPDIR", "/tmp")) / f"rms-distill-port-{os.getuid()}-{launcher_pid}-{started}"
+
+
+def agree_local_port(timeout_s: float = 120.0) -> Path | None:
+    """Give a one-host deepspeed job whose user named no --master_port a free port of its own.
+
+    deepspeed's launcher hands every job the same default port (29500): a second job on the same
+    machine would fail to bind it, or its ranks would join the first job's rendezvous. When every
+    rank is on this host (LOCAL_SIZE == WORLD_SIZE), the port is the default, and the `deepspeed`
+    command line has no --master_port, local rank 0 picks a free port and writes it to a file named
+    after the ranks' common parent; the others wait for it. Returns the file (rank 0 removes it once
+    every rank has joined), or None when the launch is left as it is."""
+    if (os.environ.get("MASTER_PORT") != DEEPSPEED_DEFAULT_PORT
+            or os.environ.get("LOCAL_SIZE") != os.environ.get("WORLD_SIZE")):
+        return None
+    launcher = os.getppid()
+    if "deepspeed.launcher.launch" not in _cmdline(launcher):
+        return None
+    runner = _cmdline(_parent_of(launcher))
+    if not runner or any(a == "--master_port" or a.startswith("--master_port=") for a in runner):
+        return None  # the user chose the port (or the runner cannot be read): keep it
+    path = port_file(launcher)
+    if os.environ.get("LOCAL_RANK") == "0":
+        part = path.with_name(path.name + f".part{os.getpid()}")
+        part.write_text(str(_free_port()))
+        os.replace(part, path)  # atomic: a waiting rank never reads half a number
+    else:
+        deadline = time.monotonic() + timeout_s
+        while not path.is_file():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"local rank 0 did not publish the job's port in {path} within "
+                                   f"{timeout_s:.0f} s (give deepspeed an explicit --master_port)")
+            time.sleep(0.05)
+    os.environ["MASTER_PORT"] = path.read_text().strip()
+    return path
 
 
 def launched_distributed() -> bool:
@@ -131,6 +195,7 @@ def init_distributed() -> DistEnv:
     import deepspeed
 
     e = detect_env()
+    port_agreed = agree_local_port()
     set_threads(e["local_world_size"])
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", gpu_index(e["local_rank"])) if cuda else torch.device("cpu")
@@ -138,7 +203,9 @@ def init_distributed() -> DistEnv:
         torch.cuda.set_device(device)
     backend = "nccl" if cuda else "gloo"
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
-    release_shm_names(e["rank"])
+    release_shm_names(e["rank"])  # (a barrier: every rank has read the agreed port by now)
+    if port_agreed is not None and e["local_rank"] == 0:
+        port_agreed.unlink(missing_ok=True)
     return DistEnv(e["rank"], e["world_size"], e["local_rank"], e["local_world_size"], device, backend)
 
 

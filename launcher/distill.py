@@ -121,7 +121,8 @@ def main(argv=None) -> int:
 
     env = init_distributed()
     print(f"rank {env.rank}/{env.world_size} on {socket.gethostname()} (local rank {env.local_rank}/"
-          f"{env.local_world_size}, {env.device}, {torch.get_num_threads()} threads)", flush=True)
+          f"{env.local_world_size}, {env.device}, {torch.get_num_threads()} threads, rendezvous "
+          f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')})", flush=True)
     stop_request = StopRequest()  # SIGUSR1 (and SIGTERM under srun): checkpoint, exit 75
     import deepspeed
     torch.manual_seed(cfg.run.seed)
@@ -130,6 +131,9 @@ def main(argv=None) -> int:
     precision = resolve_precision(cfg.train.precision, cuda)
     student_dtype = DTYPES[precision]
     stages = cfg.resolved_stages()
+    # TensorBoard names what was evaluated: the roles in a distillation run, the architecture in a
+    # supervised one (a teacher trained supervised is not a "student"). metrics.json keeps the roles.
+    tag = {"student": cfg.student.name if cfg.run.mode == "supervised" else "student", "teacher": "teacher"}
     train_loader_for, eval_loaders = make_loaders(cfg, env)
     teacher, teacher_dtype = build_teacher(cfg, env, len(manifest["label_names"]))
     resume_tag, pos = resume_position(args.resume, ckpt_dir)
@@ -198,7 +202,7 @@ def main(argv=None) -> int:
                                          manifest, student_dtype)
                     monitor.scalars({"mean_auroc": val["mean_auroc"],
                                      **{f"auroc/{k}": v for k, v in val["auroc"].items()}},
-                                    step, f"eval/student/{cfg.data.val_split}/")
+                                    step, f"eval/{tag['student']}/{cfg.data.val_split}/")
                     early_stop = best.update(engine, val["mean_auroc"],
                                        {"arch": cfg.student.name, "stage": stage.name, "epoch": epoch + 1,
                                         "step": step})
@@ -234,8 +238,9 @@ def main(argv=None) -> int:
                                                          engine.device, manifest, teacher_dtype,
                                                          scores[f"teacher/{split}"])
     for name, r in results.items():
+        role, split = name.split("/")
         monitor.scalars({"mean_auroc": r["mean_auroc"], **{f"auroc/{k}": v for k, v in r["auroc"].items()}},
-                        step, f"eval/{name}/")
+                        step, f"eval/{tag[role]}/{split}/")
     test = cfg.data.test_split
     names = {"teacher": f"{cfg.teacher.name} (teacher)", "student": cfg.student.name}
     columns = {names[m]: results[f"{m}/{test}"] for m in ("teacher", "student") if f"{m}/{test}" in results}

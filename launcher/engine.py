@@ -124,7 +124,8 @@ def run_epoch(engine, teacher, loader, *, teacher_dtype, student_dtype, accum: i
             monitor.scalars(values, step, "train/")
             monitor.scalars({"lr": engine.get_lr()[0], "samples_per_s": sps,
                              "grad_norm": engine.get_global_grad_norm(),
-                             "time/teacher_forward_s": timings["teacher_s"],
+                             **({"time/teacher_forward_s": timings["teacher_s"]} if teacher is not None
+                                else {}),  # a supervised run has no teacher to time
                              "time/student_step_s": timings["student_s"]}, step, "train/")
             progress.line(step, epoch, values, sps)
             t_log, last_log = time.perf_counter(), step

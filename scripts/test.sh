@@ -12,7 +12,8 @@ bash scripts/setup_venv.sh || exit 1
 . "${VENV:-.venv}/bin/activate"
 if [ "${RMS_SLURM:-on}" != off ] && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
   if bash cluster/local/slurm.sh up --nodes 2 || { [ $? -ne 3 ] && bash cluster/local/slurm.sh up; }; then
-    trap 'bash cluster/local/slurm.sh down' EXIT  # leave no daemon behind
+    slurm_started=1
+    trap 'bash cluster/local/slurm.sh down' EXIT  # leave no daemon behind, even on Ctrl-C
   else
     echo "warning: could not start a local SLURM; tests/test_slurm.py will skip" >&2
   fi
@@ -27,6 +28,11 @@ done
 [ "$stale" -eq 0 ] || echo "removed $stale stale DeepSpeed shared-memory segments from /dev/shm" >&2
 python -m pytest "$@"
 rc=$?
+if [ -n "${slurm_started:-}" ]; then
+  trap - EXIT
+  # A daemon the suite started that outlives it fails the run (slurm.sh down names it).
+  bash cluster/local/slurm.sh down || { echo "error: SLURM daemons outlived the test suite" >&2; [ "$rc" -ne 0 ] || rc=1; }
+fi
 if [ "$rc" -eq 5 ]; then
   echo "error: pytest collected no tests" >&2
   exit 1

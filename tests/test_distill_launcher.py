@@ -90,6 +90,16 @@ def test_single_process_supervised_mode_trains_without_teacher(cxr_shards, tmp_p
     assert "world 1" in proc.stdout and "supervised: resnet18" in proc.stdout
     saved = torch.load(tmp_path / "teacher" / "final" / "model.pt", weights_only=True)
     assert saved["meta"]["arch"] == "resnet18" and not saved["adapters"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    # TensorBoard names what was trained (a teacher trained supervised is no "student") and times
+    # no teacher; metrics.json keeps the role keys that sweeps and comparisons read.
+    acc = EventAccumulator(str(tmp_path / "teacher" / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"eval/resnet18/test/mean_auroc", "eval/resnet18/val/mean_auroc", "train/loss"} <= tags, tags
+    assert not any(t.startswith(("eval/student/", "eval/teacher/")) for t in tags), tags
+    assert "train/time/teacher_forward_s" not in tags and "train/time/student_step_s" in tags
+    assert "student/test" in json.loads((tmp_path / "teacher" / "metrics.json").read_text())
 
 
 @pytest.mark.slow

@@ -2,7 +2,9 @@
 # A real SLURM on this machine, for testing the templates in cluster/ (run as root).
 #
 #   bash cluster/local/slurm.sh up [--nodes N]   install (Debian: slurm-wlm, munge), configure, start
-#   bash cluster/local/slurm.sh down             stop every daemon this script started
+#   bash cluster/local/slurm.sh down             stop every daemon this script started (munged
+#                                                only if it was not running before `up`); exit 1
+#                                                naming any that is still running
 #   bash cluster/local/slurm.sh status           sinfo
 #
 # --nodes 1 (default): one node named after `hostname -s`, slurmctld and slurmd on the host.
@@ -56,6 +58,7 @@ start_munge() {
     chown -R munge:munge /etc/munge /var/lib/munge /var/log/munge /run/munge 2>/dev/null || true
     chmod 0700 /etc/munge && chmod 0400 /etc/munge/munge.key
     if ! munge -n >/dev/null 2>&1; then
+        mkdir -p "$STATE" && touch "$STATE/munged.ours"  # started here: `down` stops it again
         if id munge >/dev/null 2>&1; then
             runuser -u munge -- /usr/sbin/munged
         else
@@ -202,6 +205,11 @@ down() {
     pkill -x slurmstepd 2>/dev/null || true
     pkill -x slurmctld 2>/dev/null || true
     for _ in $(seq 50); do { pgrep -x slurmd || pgrep -x slurmctld; } >/dev/null || break; sleep 0.1; done
+    if [ -e "$STATE/munged.ours" ]; then  # a munged that was running before `up` is left alone
+        pkill -x munged 2>/dev/null || true
+        for _ in $(seq 50); do pgrep -x munged >/dev/null || break; sleep 0.1; done
+        rm -f "$STATE/munged.ours"
+    fi
     for ns in $(ip netns list 2>/dev/null | awk '/^rms-node/ {print $1}'); do ip netns del "$ns"; done
     ip link del "$BRIDGE" 2>/dev/null || true
     hosts_entries 0
@@ -209,9 +217,18 @@ down() {
     [ -n "$quiet" ] || log "stopped"
 }
 
+leftovers() {  # daemons of this script's still running after `down`: listed, exit 1
+    local left
+    left=$(pgrep -a -x 'slurmctld|slurmd|slurmstepd' || true)
+    [ ! -e "$STATE/munged.ours" ] || left="$left$(pgrep -a -x munged || true)"
+    if [ -n "$left" ]; then
+        log "still running after down:"; echo "$left" >&2; return 1
+    fi
+}
+
 case ${1:-} in
     up) shift; refuse_foreign; up "$@" ;;
-    down) refuse_foreign; down ;;
+    down) refuse_foreign; down; leftovers ;;
     status) sinfo -N -l ;;
     *) echo "usage: $0 up [--nodes N] | down | status" >&2; exit 2 ;;
 esac
