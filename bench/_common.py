@@ -1,8 +1,8 @@
 """What the benchmarks share: the synthetic source dataset, the machine description, tables, JSON.
 
 Every benchmark measures its ratios side by side in one run (the machines are shared and noisy,
-DESIGN.md §5): configurations are interleaved, repeated, and reported as medians. Nothing here
-asserts a timing.
+docs/design.md, "Benchmarks"): configurations are interleaved, repeated, and reported as medians.
+Nothing here asserts a timing.
 """
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ read once with the project's loader) and timed on its own: the DALI (CPU-only mo
 loader, a fresh one each round. After warm-up, `--rounds` rounds of `--steps` steps run each path in
 turn (the first path alternating); `--split-rounds` rounds with per-phase timers are spread among
 them (kept apart so their device syncs on a GPU cannot touch the throughput figure). Figures are
-medians (DESIGN.md §5).
+medians (docs/design.md, "Benchmarks").
 
 Memory, CPU: resident set size (RSS) from /proc, after glibc's malloc_trim (so memory freed by one
 path is not counted for the next): persistent growth of each path's setup plus first step, and the

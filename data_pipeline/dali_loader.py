@@ -5,7 +5,7 @@ read (webdataset reader, per-rank shard, DALI index) -> decode (GPU: "mixed"; CP
 
     image  (b, 1, s, s) float32 in [0, 1]    label  (b, C) float32    sid  (b,) int64
 
-Why these choices (DESIGN.md §4, "Library behaviour that bites"):
+Why these choices (docs/design.md, "Library behaviour the code relies on"):
 * `device_id=None` is DALI's CPU-only mode; then every op must be a CPU op, so the device of each
   op is chosen here from one flag rather than hard-coded.
 * `pad_last_batch=True` with `reader_name` on the iterator and `LastBatchPolicy.FILL` gives every

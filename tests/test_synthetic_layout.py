@@ -1,8 +1,8 @@
-"""The synthetic datasets are written in the real on-disk layouts (DESIGN.md §4), and the real adapters
-read every variant of those layouts into the same records.
+"""The synthetic datasets are written in the real on-disk layouts (docs/design.md, "Datasets"), and
+the real adapters read every variant of those layouts into the same records.
 
 The expected header strings, name patterns and label vocabularies are written out here from
-DESIGN.md, not imported from the code under test.
+docs/design.md, not imported from the code under test.
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ SPLITS = ("train", "val", "test")
 
 @dataclass(frozen=True)
 class Record:
-    """One labelled image. `key` is the WebDataset sample key (no dots: see DESIGN.md)."""
+    """One labelled image. `key` is the WebDataset sample key (no dots: see docs/design.md, "Library behaviour the code relies on")."""
     key: str
     path: Path
     labels: tuple[int, ...]  # multi-hot (multi-label) or one-hot (single-label), len = classes

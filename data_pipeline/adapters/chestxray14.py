@@ -1,6 +1,6 @@
 """ChestX-ray14 (NIH, Wang et al. 2017) adapter.
 
-Layout handled (see DESIGN.md §4):
+Layout handled (see docs/design.md, "Datasets"):
 * labels in `Data_Entry_2017_v2020.csv` or `Data_Entry_2017.csv`; the header's bracketed names contain
   commas, so data rows have 11 fields; some copies end every line with a trailing comma (12 fields);
 * images in `images/` or in the per-archive folders `images_001/images/` ... `images_012/images/`;

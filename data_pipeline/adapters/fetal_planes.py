@@ -1,6 +1,6 @@
 """FETAL_PLANES_DB (Burgos-Artizzu et al., Sci. Rep. 2020) adapter.
 
-Layout handled (see DESIGN.md §4): `FETAL_PLANES_DB_data.csv`, `;`-separated, header
+Layout handled (see docs/design.md, "Datasets"): `FETAL_PLANES_DB_data.csv`, `;`-separated, header
 `Image_name;Patient_num;Plane;Brain_plane;Operator;US_Machine;Train ` (the trailing space after `Train`
 is in the real file); `Image_name` has no extension, images are `Images/<Image_name>.png`; 6 planes,
 single-label; `Train` is 1 for the official train split, 0 for test. Validation is carved from the
