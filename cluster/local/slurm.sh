@@ -14,7 +14,7 @@
 #   the network is concerned: srun starts tasks through each node's slurmd, and torch.distributed
 #   connects the ranks over the bridge. Needs CAP_NET_ADMIN (ip netns, veth, bridge).
 #
-# Settings (DESIGN.md): munge authentication, select/cons_tres, proctrack/linuxproc, task/none,
+# Settings (docs/design.md, "Local SLURM for tests"): munge authentication, select/cons_tres, proctrack/linuxproc, task/none,
 # SlurmUser=root, JobRequeue=1 (the preemption test requeues jobs). No accounting daemon: job
 # history comes from `scontrol show job` and the jobs' own logs.
 set -euo pipefail
