@@ -9,10 +9,10 @@ a random-init checkpoint written here) on the same pre-loaded batches with the s
 (focal + multi-label KD + attention transfer + similarity preserving, the config's weights), in one
 process, with the same number of torch threads:
 
-* project: config -> `DistillTask` (launcher.distill.build_task) -> `deepspeed.initialize` with the
+* project: config -> `DistillTask` (launcher.trainer.build_task) -> `deepspeed.initialize` with the
   generated DeepSpeed JSON (ZeRO-2, fp32, AdamW, WarmupCosineLR, gradient clipping; one process
   through `launcher.dist.init_distributed`) -> teacher in `deepspeed.init_inference`
-  (launcher.distill.build_teacher) -> `launcher.engine.train_step`, as `run_epoch` calls it.
+  (launcher.distill.build_teacher) -> `launcher.engine.train_step`, as `Trainer.run_epoch` calls it.
 * hand-written: the frozen teacher under no_grad, the student forward, the rmsnet.losses functions
   summed with the same weights, backward, `clip_grad_norm_`, `torch.optim.AdamW` with the same
   learning rate at every step (DeepSpeed's WarmupCosineLR, recomputed here), `zero_grad`.
@@ -52,9 +52,10 @@ import torch  # noqa: E402  (after _common, which puts the repo on sys.path)
 
 from data_pipeline.loader import build_loader  # noqa: E402
 from data_pipeline.loader_common import AugmentSpec, read_manifest  # noqa: E402
-from launcher.config import deepspeed_config, load_config  # noqa: E402
+from launcher.config import deepspeed_config, load_config, resolve_precision  # noqa: E402
 from launcher.dist import init_distributed, shutdown  # noqa: E402
-from launcher.distill import build_task, build_teacher  # noqa: E402
+from launcher.distill import build_teacher  # noqa: E402
+from launcher.trainer import DTYPES, build_task  # noqa: E402
 from launcher.engine import train_step  # noqa: E402
 from rmsnet.losses import (attention_transfer_loss, focal_loss, kd_loss,  # noqa: E402
                            similarity_preserving_loss)
@@ -303,7 +304,8 @@ def main(argv=None) -> int:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         cuda_start = torch.cuda.memory_allocated()
-    teacher_ds, teacher_dtype = build_teacher(cfg, env, classes)
+    teacher_dtype = DTYPES[resolve_precision(cfg.teacher.dtype, cuda)]
+    teacher_ds = build_teacher(cfg, classes, teacher_dtype)
     torch.manual_seed(cfg.run.seed)
     task = build_task(cfg, stage, manifest, teacher_ds)
     student_init = copy.deepcopy(task.student.state_dict())
@@ -313,7 +315,7 @@ def main(argv=None) -> int:
     engine.train()
 
     def project_step(batch, timings=None):
-        batch = dict(batch, image=batch["image"].to(torch.float32))  # what run_epoch does per step
+        batch = dict(batch, image=batch["image"].to(torch.float32))  # what Trainer.run_epoch does
         return train_step(engine, teacher_ds, batch, teacher_dtype, timings)
 
     lr_checks = [(engine.get_lr()[0], warmup_cosine_lr(0, ds_config["optimizer"]["params"]["lr"],

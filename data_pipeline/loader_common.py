@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,3 +70,13 @@ def split_patients(shard_dir, split: str) -> dict[int, str]:
             patient = json.loads(members[META_EXT]).get("patient")
             out[decode_sid(members[ID_EXT])] = str(key if patient is None else patient)
     return out
+
+
+def batches_per_epoch(samples: int, world_size: int, batch_size: int) -> int:
+    """Batches every rank yields per epoch: ranks read contiguous ranges of the split (rank r:
+    [n*r//w, n*(r+1)//w)), and the shorter ones are padded to the longest (DALI's pad_last_batch
+    with FILL; torch_loader's RankSampler does the same), so every rank runs the same count."""
+    if samples < world_size:
+        raise ValueError(f"{samples} samples cannot be split over {world_size} ranks")
+    longest = max(samples * (r + 1) // world_size - samples * r // world_size for r in range(world_size))
+    return math.ceil(longest / batch_size)

@@ -9,7 +9,6 @@ the same keys, dtypes and value range as `dali_loader`.
 from __future__ import annotations
 
 import io
-import math
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
 
-from data_pipeline.loader_common import AugmentSpec, split_shards
+from data_pipeline.loader_common import AugmentSpec, batches_per_epoch, split_shards
 
 
 def read_index(tar: str, idx: str):
@@ -79,12 +78,9 @@ class RankSampler(torch.utils.data.Sampler):
 
     def __init__(self, n: int, rank: int, world_size: int, batch_size: int, shuffle: bool, seed: int,
                  epoch: int = 0):
-        if n < world_size:
-            raise ValueError(f"{n} samples cannot be split over {world_size} ranks")
         self.n, self.rank, self.world, self.bs = n, rank, world_size, batch_size
         self.shuffle, self.seed, self.epoch = shuffle, seed, epoch
-        largest = max(n * (r + 1) // world_size - n * r // world_size for r in range(world_size))
-        self.batches = math.ceil(largest / batch_size)
+        self.batches = batches_per_epoch(n, world_size, batch_size)
 
     def __iter__(self):
         shard = (self.rank + self.epoch) % self.world

@@ -191,3 +191,34 @@ class SampleLog:
     def __call__(self, step: int, sids) -> None:
         self.file.write(f"{step} " + " ".join(str(int(s)) for s in sids) + "\n")
         self.file.flush()
+
+
+class Checkpointer:
+    """The run's checkpoint directory, its keep-K policy and this rank's role, in one object: the
+    trainer saves, resumes, restores, exports and starts stages through it."""
+
+    def __init__(self, run_dir: Path, keep: int, is_main: bool):
+        self.run_dir, self.keep, self.is_main = Path(run_dir), keep, is_main
+        self.dir = self.run_dir / "checkpoints"
+
+    def save(self, engine, stage_name: str, pos: Position) -> None:
+        save(engine, self.dir, stage_name, pos, self.keep, self.is_main)
+
+    def resume_position(self, resume: str) -> tuple[str | None, Position]:
+        """`--resume none | auto | TAG` -> (tag or None, where the run continues)."""
+        return resume_position(resume, self.dir)
+
+    def restore(self, engine, tag: str) -> None:
+        """Engine (model, optimizer, scheduler, ZeRO partitions) and this rank's own state."""
+        engine.load_checkpoint(str(self.dir), tag=tag)
+        restore_rank_state(engine, self.dir, tag)
+
+    def export(self, engine, rel_path: Path | str, meta: dict) -> Path:
+        """The student as `model.pt` under the run directory (collective; rank 0 writes)."""
+        path = self.run_dir / rel_path
+        export_student(engine, path, meta, self.is_main)
+        return path
+
+    def load_stage_export(self, task, stage_name: str) -> None:
+        """Start a stage from the student (and adapters) that stage `stage_name` exported."""
+        load_student(task, self.run_dir / "stages" / stage_name / "model.pt")

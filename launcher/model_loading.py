@@ -106,9 +106,13 @@ def consolidate_deepspeed(ckpt_dir: Path, tag: str) -> tuple[dict, str]:
     return {k: v.float() if v.is_floating_point() else v for k, v in full.items()}, how
 
 
-def _meta_from_config(cfg: Config, manifest: dict, step: int | None) -> dict:
+def model_meta(cfg: Config, manifest: dict, step: int | None, feature_indices=None) -> dict:
+    """The metadata a student's model.pt carries (what rebuilding and evaluating it needs); the one
+    builder, used by the launcher's exports and by readers of checkpoints without metadata."""
     return {"arch": cfg.student.name, "num_classes": len(manifest["label_names"]),
-            "in_chans": cfg.student.in_chans, "feature_indices": cfg.student.feature_indices,
+            "in_chans": cfg.student.in_chans,
+            "feature_indices": list(feature_indices) if feature_indices is not None
+            else cfg.student.feature_indices,
             "image_size": cfg.data.image_size, "label_names": list(manifest["label_names"]),
             "multilabel": manifest["multilabel"], "step": step, "mode": cfg.run.mode}
 
@@ -159,7 +163,7 @@ def load_model(checkpoint, manifest: dict | None = None) -> LoadedModel:
             cfg = _run_config(run_dir)
             if cfg is None or manifest is None:
                 raise CheckpointError(f"{path} has no metadata (meta) and no run config.yaml above it")
-            state, meta = read_state_dict(path), _meta_from_config(cfg, manifest, None)
+            state, meta = read_state_dict(path), model_meta(cfg, manifest, None)
         source, model_dir = str(path), path.parent
     else:
         run_dir = _find_run_dir(path.parent)
@@ -175,7 +179,7 @@ def load_model(checkpoint, manifest: dict | None = None) -> LoadedModel:
             raise CheckpointError(f"{path / tag}: no '{STUDENT_PREFIX}*' weights "
                                   f"(not a DistillTask checkpoint)")
         m = TAG.search(tag)
-        meta = _meta_from_config(cfg, manifest, int(m["step"]) if m else None)
+        meta = model_meta(cfg, manifest, int(m["step"]) if m else None)
         source, model_dir = f"{path / tag} ({how})", path / tag
     if manifest is not None and list(meta.get("label_names", manifest["label_names"])) != \
             list(manifest["label_names"]):
