@@ -208,7 +208,7 @@ down() {
     if [ -e "$STATE/munged.ours" ]; then  # a munged that was running before `up` is left alone
         pkill -x munged 2>/dev/null || true
         for _ in $(seq 50); do pgrep -x munged >/dev/null || break; sleep 0.1; done
-        rm -f "$STATE/munged.ours"
+        pgrep -x munged >/dev/null || rm -f "$STATE/munged.ours"  # (kept: `leftovers` names it)
     fi
     for ns in $(ip netns list 2>/dev/null | awk '/^rms-node/ {print $1}'); do ip netns del "$ns"; done
     ip link del "$BRIDGE" 2>/dev/null || true
@@ -218,9 +218,11 @@ down() {
 }
 
 leftovers() {  # daemons of this script's still running after `down`: listed, exit 1
-    local left
-    left=$(pgrep -a -x 'slurmctld|slurmd|slurmstepd' || true)
-    [ ! -e "$STATE/munged.ours" ] || left="$left$(pgrep -a -x munged || true)"
+    local left="" name names="slurmctld slurmd slurmstepd"
+    [ ! -e "$STATE/munged.ours" ] || names="$names munged"
+    for name in $names; do  # one name per pgrep: a pattern over 15 characters matches nothing
+        left="$left$(pgrep -a -x "$name" || true)"
+    done
     if [ -n "$left" ]; then
         log "still running after down:"; echo "$left" >&2; return 1
     fi
