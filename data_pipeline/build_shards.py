@@ -8,7 +8,8 @@ shuffles inside a small buffer, so the global shuffle must happen here), decoded
 and re-encoded by `--workers` processes, and written in order to `<split>-NNNNNN.tar` shards. Each
 shard is written under a temporary name and renamed when complete, with its DALI index.
 `manifest.json` (written last, atomically) records label names, samples / patients / positives per
-split, every shard's sha256, and every rejected input with its reason. The build fails with a
+split, every shard's sha256, every rejected input with its reason, and `synthetic` (the dataset
+root's SYNTHETIC.json) when the images are data_pipeline.synthetic's stand-ins. The build fails with a
 non-zero exit, and leaves no shards behind, when the rejected fraction exceeds
 `--max-reject-fraction`. Identical inputs and seed give byte-identical shards.
 
@@ -64,8 +65,9 @@ from tqdm import tqdm
 from data_pipeline.adapters import SPLITS, DatasetIndex, Record, load_dataset
 from data_pipeline.build_state import (STATE_FILE, SplitProgress, parameters_digest,
                                        start_or_resume)
-from data_pipeline.image_io import BadImage, MissingDependency, prepare
+from data_pipeline.image_io import BadImage, MissingDependency, parse_window, prepare
 from data_pipeline.shard_format import IMAGE_EXT, ShardWriter, sample_members
+from data_pipeline.synthetic import SYNTHETIC_MARKER
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -222,10 +224,25 @@ def manifest_head(index: DatasetIndex, args) -> dict:
     }
     if args.dicom_window is not None:
         head["image"]["dicom_window"] = list(args.dicom_window)
+    synthetic = synthetic_marker(Path(args.root))
+    if synthetic is not None:
+        head["synthetic"] = synthetic
     if args.dataset == "csv":  # the other datasets' options are their fixed layouts
         head["dataset_options"] = {k: v for k, v in adapter_options(args).items()
                                    if k not in ("val_fraction", "seed")}
     return head
+
+
+def synthetic_marker(root: Path) -> dict | None:
+    """The SYNTHETIC.json that data_pipeline.synthetic leaves in a dataset root, else None."""
+    path = root / SYNTHETIC_MARKER
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        doc = None
+    return doc if isinstance(doc, dict) else {"marker": SYNTHETIC_MARKER}
 
 
 def make_manifest(head: dict, splits: dict, summary: dict, rejected: list[dict]) -> dict:
@@ -327,12 +344,9 @@ def _list(text: str) -> list[str]:
 
 def _window(text: str) -> tuple[float, float]:
     try:
-        center, width = (float(t) for t in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected CENTER,WIDTH (two numbers), got {text!r}") from None
-    if width < 1:
-        raise argparse.ArgumentTypeError(f"window width must be >= 1, got {width}")
-    return center, width
+        return parse_window(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _delimiter(text: str) -> str:

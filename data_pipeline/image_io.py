@@ -5,7 +5,13 @@ limit) raise `BadImage` with a reason; the shard builder records it as a reject 
 
 Intensity mapping to 8 bits: 8-bit grayscale is kept as is; 16-bit PNG/TIFF is mapped linearly
 from the full 16-bit range (`v >> 8`), which keeps absolute intensities comparable across images
-(a per-image min-max stretch would not); RGB/RGBA/palette images become luminance ('L').
+(a per-image min-max stretch would not); RGB/RGBA/CMYK/palette images become luminance ('L').
+An EXIF Orientation tag (JPEG, PNG, TIFF; a phone photograph of a film) is applied first, so the
+image is upright as a viewer shows it.
+
+The same functions serve the shard builder and `launcher/predict.py` (which reads the options
+the shards were built with from the exported model), so a terminal sees each image exactly as
+training did; nothing here imports torch.
 
 DICOM (a `.dcm` name, any case, or the `DICM` magic after the 128-byte preamble) is read with
 pydicom, single frame only, in these steps (the linear VOI transform of DICOM PS3.3 C.11.2.1.2):
@@ -33,7 +39,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 # Refuse decompression bombs ourselves, with a clear reason, rather than PIL's warning/exception.
 Image.MAX_IMAGE_PIXELS = None
@@ -67,6 +73,7 @@ def load_gray8(path: Path, max_pixels: int = 100_000_000,
         raise
     except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError)
         raise BadImage(f"cannot decode image: {e}") from None
+    img = upright(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.uint32)
         return Image.fromarray((np.clip(arr, 0, 65535) >> 8).astype(np.uint8), mode="L")
@@ -75,11 +82,48 @@ def load_gray8(path: Path, max_pixels: int = 100_000_000,
     return img
 
 
+EXIF_ORIENTATION = 0x0112
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """The image turned as its EXIF Orientation tag says (unchanged without one, or when it is 1)."""
+    try:
+        orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # a damaged EXIF block: keep the pixels as stored
+        return img
+    return ImageOps.exif_transpose(img) if orientation not in (1, None) else img
+
+
 def is_dicom(path: Path) -> bool:
     if path.suffix.lower() == ".dcm":
         return True
     with open(path, "rb") as f:
         return f.read(132)[128:] == b"DICM"
+
+
+def parse_window(text: str) -> tuple[float, float]:
+    """`--dicom-window C,W` as (centre, width); ValueError with the reason when it is not one."""
+    try:
+        center, width = (float(t) for t in text.split(","))
+    except ValueError:
+        raise ValueError(f"expected CENTER,WIDTH (two numbers), got {text!r}") from None
+    if width < 1:
+        raise ValueError(f"window width must be >= 1, got {width}")
+    return center, width
+
+
+def dicom_identifiers(path: Path) -> dict[str, str]:
+    """SOPInstanceUID and PatientID of a DICOM file (those present; {} for other files)."""
+    path = Path(path)
+    try:
+        if not path.is_file() or path.stat().st_size == 0 or not is_dicom(path):
+            return {}
+        import pydicom
+        ds = pydicom.dcmread(str(path), force=True, stop_before_pixels=True)
+    except Exception:  # unreadable file or header, no pydicom: load_gray8 gives the reason
+        return {}
+    found = {key: ds.get(key) for key in ("SOPInstanceUID", "PatientID")}
+    return {key: str(value) for key, value in found.items() if value not in (None, "")}
 
 
 def _first(value) -> float:
@@ -184,6 +228,14 @@ def encode(img: Image.Image, fmt: str, jpeg_quality: int = 95) -> bytes:
     else:
         raise ValueError(f"format must be png, jpeg or raw, got {fmt!r}")
     return buf.getvalue()
+
+
+def as_stored(img: Image.Image, fmt: str, jpeg_quality: int = 95) -> Image.Image:
+    """The image as a loader reads it back from a shard of format `fmt`: PNG and raw are lossless
+    (the image itself), JPEG goes through `encode` and a decode."""
+    if fmt in ("png", "raw"):
+        return img
+    return Image.open(io.BytesIO(encode(img, fmt, jpeg_quality))).convert("L")
 
 
 def prepare(path: Path, size: int, fit: str, fmt: str, jpeg_quality: int, max_pixels: int,

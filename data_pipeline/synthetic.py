@@ -14,10 +14,15 @@ Each finding/plane is a localised pattern (see `patterns.py` and `synthetic_draw
 size and contrast vary; prevalences keep the real dataset's rank order (Infiltration most common,
 Hernia rarest) but are compressed so a few thousand images still hold positives of every class.
 Generation is deterministic in `--seed`.
+
+Each dataset root also gets `SYNTHETIC.json` (what was generated, with which seed): the shard
+builder copies it into `manifest.json` as `synthetic`, so whatever is trained on these images says
+so (the model card of `launcher/export.py`: for testing the system only, not for clinical use).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -38,6 +43,7 @@ CXR_PREVALENCE = {
 US_COUNTS = {"Fetal abdomen": 711, "Fetal brain": 3092, "Fetal femur": 1626, "Fetal thorax": 1040,
              "Maternal cervix": 4213, "Other": 1718}
 BRAIN_PLANES = ["Trans-thalamic", "Trans-cerebellum", "Trans-ventricular"]
+SYNTHETIC_MARKER = "SYNTHETIC.json"  # in the dataset root; copied into manifest.json by build_shards
 
 CXR_HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,"
               "View Position,OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]")
@@ -57,6 +63,13 @@ def _write_png(path: Path, pixels: np.ndarray) -> None:
     tmp = path.with_name(path.name + ".part")
     Image.fromarray(pixels, mode="L").save(tmp, format="PNG", compress_level=1)
     os.replace(tmp, path)
+
+
+def _write_marker(out: Path, kind: str, n: int, size: int, seed: int) -> None:
+    """SYNTHETIC.json: these images are stand-ins, not medical data (deterministic content)."""
+    doc = {"generator": "data_pipeline.synthetic", "kind": kind, "images": n, "size": size, "seed": seed,
+           "note": "synthetic stand-in images for exercising the system; not medical data"}
+    (out / SYNTHETIC_MARKER).write_text(json.dumps(doc, indent=1) + "\n")
 
 
 def _cxr_job(args):
@@ -96,6 +109,7 @@ def make_cxr(out: Path, n: int, size: int, seed: int, workers: int = 1, *,
                                   + "\n".join(rows) + "\n")
     (out / "train_val_list.txt").write_text("\n".join(train_val) + "\n")
     (out / "test_list.txt").write_text("\n".join(test) + "\n")
+    _write_marker(out, "cxr", n, size, seed)
 
 
 def make_us(out: Path, n: int, size: int, seed: int, workers: int = 1,
@@ -118,6 +132,7 @@ def make_us(out: Path, n: int, size: int, seed: int, workers: int = 1,
             rows.append(f"{name};{pid};{plane};{brain};{operator};{machine};{train}")
     _run(_us_job, jobs, workers)
     (out / "FETAL_PLANES_DB_data.csv").write_text(US_HEADER + "\n" + "\n".join(rows) + "\n")
+    _write_marker(out, "us", n, size, seed)
 
 
 def _run(fn, jobs, workers: int) -> None:

@@ -4,6 +4,7 @@
     python launcher/export.py --checkpoint runs/student --out DIR --shards shards/cxr   # + real-image check
     python launcher/export.py --checkpoint runs/student/final/model.pt --out DIR --image-size 224 \
         --teacher teacher.pt --teacher-name densenet121 --threads 1,2
+    python launcher/export.py --checkpoint runs/student --out DIR --metrics elsewhere/metrics.json
 
 --checkpoint takes what launcher/evaluate.py takes (run directory, model.pt, DeepSpeed checkpoint).
 Writes under --out:
@@ -12,14 +13,26 @@ Writes under --out:
                       normalisation is inside the graph -- output `logits` (batch, C); the batch
                       dimension is dynamic, S is fixed. metadata_props carry the label names, the
                       per-class thresholds (from thresholds.json, written next to the model by
-                      evaluate.py), the task type and how to turn logits into decisions.
+                      evaluate.py), the task type, how to turn logits into decisions, and
+                      `preprocess`: how a raw image becomes the input, from the training shards'
+                      manifest.json (the shard builder's size, fit, format and DICOM window, then
+                      the resize to S), which launcher/predict.py follows (launcher/onnx_model.py).
     student.json      the same metadata as a JSON sidecar, with the ONNX-vs-PyTorch check
+    MODEL_CARD.md     training data, labels, thresholds and how they were chosen, test AUROC with
+                      intervals (launcher/model_card.py), intended use and limits, input
+                      requirements, the fingerprint (sha256 of student.onnx)
     teacher.onnx/.json  the same for the teacher, when it is known (the run's config or --teacher)
     deploy_report.json, deploy_report.md   parameters, MACs at S, ONNX size, CPU latency (batch 1)
                       and throughput (batch 32) in PyTorch and ONNX Runtime at each --threads count
                       (torch.set_num_threads and ORT intra_op_num_threads set to the same number;
                       medians of repeated runs, student and teacher timed alternately so that both
                       see the same machine load), and the teacher/student ratios.
+
+The training shards are the run config's data.shards when their manifest.json is there, else
+--shards. The card's test figures come from --metrics (an evaluate.py metrics.json), else the
+newest <run dir>/eval/metrics.json or eval/*/metrics.json of the test split whose thresholds.json
+carries these weights' fingerprint, else the run's own metrics.json when exporting its
+final/model.pt (AUROC without intervals).
 
 The export is checked with ONNX Runtime against PyTorch on random inputs (two batch sizes, so the
 dynamic batch is exercised) and, with --shards, on real images: the largest absolute logit
@@ -29,7 +42,6 @@ The TorchScript exporter (`dynamo=False`) is used: it needs no package beyond on
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -43,9 +55,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from data_pipeline.loader_common import MANIFEST, read_manifest
 from launcher.config import ConfigError
-from launcher.model_loading import (CheckpointError, LoadedModel, load_model, load_teacher, read_thresholds,
-                               resolve_teacher)
+from launcher.model_card import model_card
+from launcher.model_loading import (REPO, THRESHOLDS, CheckpointError, LoadedModel, load_model, load_teacher,
+                                    read_thresholds, resolve_teacher)
+from launcher.onnx_model import preprocessing, sha256  # noqa: F401 (sha256: export.sha256 stays)
 from rmsnet.summary import count_macs
 from rmsnet.teachers import TappedModel
 
@@ -265,16 +280,91 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+# ------------------------------------------------------------------ training data and evaluation
+def _manifest_dir(text: str) -> Path | None:
+    """A config's data.shards as meant: from the working directory, else from the repository."""
+    for path in (Path(text), REPO / text):
+        if (path / MANIFEST).is_file():
+            return path
+    return None
 
 
+def training_shards(loaded: LoadedModel, shards_arg: str | None) -> tuple[Path | None, dict | None]:
+    """The shards the model was trained on and their manifest: the run config's data.shards when
+    its manifest.json is there, else --shards; (None, None) when neither is known."""
+    configured = loaded.config.data.shards if loaded.config else None
+    path = _manifest_dir(configured) if configured else None
+    if path is None and shards_arg:
+        path = Path(shards_arg)
+    if path is None:
+        return None, None
+    manifest = read_manifest(path)
+    if list(manifest["label_names"]) != list(loaded.meta["label_names"]):
+        raise CheckpointError(f"{path / MANIFEST}: label names {manifest['label_names']} differ from the "
+                              f"model's {loaded.meta['label_names']}")
+    if shards_arg and Path(shards_arg).resolve() != path.resolve():
+        print(f"note: the preprocessing record and the model card use the run's training shards {path}, "
+              f"not --shards {shards_arg}", file=sys.stderr)
+    return path, manifest
+
+
+def training_record(shards: Path, manifest: dict) -> dict:
+    """The `training_data` metadata: which shards, which dataset, synthetic or not, split sizes."""
+    return {"shards": str(shards.resolve()), "dataset": manifest.get("dataset"),
+            "synthetic": bool(manifest.get("synthetic")),
+            "samples": {s: v.get("samples") for s, v in manifest["splits"].items()}}
+
+
+def _evaluation_of(path: Path, loaded: LoadedModel) -> tuple[dict | None, str]:
+    """(evaluate.py's metrics.json, "") when it scored these weights, else (None, why not)."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        return None, f"{path}: unreadable ({e})"
+    if not isinstance(doc, dict) or "student" not in doc or "split" not in doc:
+        return None, f"{path}: not a metrics.json of launcher/evaluate.py"
+    beside = path.parent / THRESHOLDS
+    try:
+        fingerprint = json.loads(beside.read_text()).get("fingerprint")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None, f"{path}: no readable {beside.name} beside it to tie it to the weights"
+    if fingerprint != loaded.fingerprint:
+        return None, (f"{path}: scored other weights (fingerprint {fingerprint} in {beside}, model "
+                      f"{loaded.fingerprint})")
+    return doc, ""
+
+
+def find_evaluation(loaded: LoadedModel, metrics_arg: str | None, split: str) -> tuple[dict | None, str]:
+    """The evaluation of these weights on `split` for the model card (see the module docstring),
+    and where it was looked for. An explicit --metrics that is not one is a CheckpointError."""
+    if metrics_arg:
+        path = Path(metrics_arg)
+        doc, why = _evaluation_of(path, loaded)
+        if doc is None:
+            raise CheckpointError(f"--metrics {why}")
+        return {"kind": "evaluate", "path": str(path), "doc": doc, "split": doc["split"]}, str(path)
+    base = loaded.run_dir or loaded.model_dir
+    candidates = [p for p in [base / "eval" / "metrics.json", *sorted(base.glob("eval/*/metrics.json"))]
+                  if p.is_file()]
+    found = [(p, doc) for p in candidates for doc in [_evaluation_of(p, loaded)[0]]
+             if doc is not None and doc["split"] == split]
+    looked = f"{base / 'eval' / 'metrics.json'} and {base / 'eval' / '*' / 'metrics.json'}"
+    if found:
+        path, doc = max(found, key=lambda f: f[0].stat().st_mtime)
+        return {"kind": "evaluate", "path": str(path), "doc": doc, "split": split}, looked
+    if loaded.run_dir is not None:
+        looked += f", and {loaded.run_dir / 'metrics.json'} for {loaded.run_dir / 'final' / 'model.pt'}"
+        final, run_metrics = loaded.run_dir / "final" / "model.pt", loaded.run_dir / "metrics.json"
+        if final.is_file() and Path(loaded.source).resolve() == final.resolve() and run_metrics.is_file():
+            doc = json.loads(run_metrics.read_text()).get(f"student/{split}")
+            if doc:
+                return {"kind": "run", "path": str(run_metrics), "doc": doc, "split": split}, looked
+    return None, looked
+
+
+# ------------------------------------------------------------------------------------ metadata
 def model_metadata(role: str, arch: str, meta: dict, image_size: int, thresholds: dict | None,
-                   source: str) -> dict:
+                   source: str, preprocess: dict | None = None, training: dict | None = None) -> dict:
     multilabel = bool(meta["multilabel"])
     return {
         "role": role, "arch": arch, "source_checkpoint": source,
@@ -288,6 +378,7 @@ def model_metadata(role: str, arch: str, meta: dict, image_size: int, thresholds
         "thresholds_chosen_on": thresholds["chosen_on"] if thresholds else None,
         "thresholds_method": thresholds["method"] if thresholds else None,
         "trained_image_size": meta.get("image_size"),
+        "preprocess": preprocess, "training_data": training,
     }
 
 
@@ -309,6 +400,8 @@ def parse_args(argv=None):
     p.add_argument("--throughput-repeats", type=int, default=5,
                    help=f"timed runs at batch {THROUGHPUT_BATCH} (median reported)")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max abs logit difference ONNX vs PyTorch")
+    p.add_argument("--metrics", default=None,
+                   help="launcher/evaluate.py metrics.json for the model card (default: the run's eval/)")
     p.add_argument("--opset", type=int, default=17)
     return p.parse_args(argv)
 
@@ -319,10 +412,12 @@ def main(argv=None) -> int:
         threads = [int(t) for t in args.threads.split(",") if t.strip()]
         if not threads or min(threads) < 1:
             raise ValueError(f"--threads wants positive integers like 1,2, got {args.threads!r}")
-        from data_pipeline.loader_common import read_manifest
         manifest = read_manifest(args.shards) if args.shards else None
         loaded: LoadedModel = load_model(args.checkpoint, manifest)
         thresholds = read_thresholds(loaded)
+        shards, train_manifest = training_shards(loaded, args.shards)
+        test_split = loaded.config.data.test_split if loaded.config else "test"
+        evaluation, looked_for = find_evaluation(loaded, args.metrics, test_split)
         spec = None if args.no_teacher else resolve_teacher(loaded, args.teacher, args.teacher_name)
         teacher = load_teacher(spec, loaded.meta["num_classes"]) if spec else None
     except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
@@ -336,6 +431,12 @@ def main(argv=None) -> int:
     if thresholds is None:
         print(f"warning: no {loaded.model_dir / 'thresholds.json'}: exported without thresholds "
               f"(run launcher/evaluate.py first)", file=sys.stderr)
+    if train_manifest is None:
+        print("warning: no training shard manifest (neither the run config's data.shards nor --shards): "
+              "the export does not record how images were prepared, and launcher/predict.py will "
+              "refuse it", file=sys.stderr)
+    prep = preprocessing(train_manifest, shards, size, meta.get("image_size")) if train_manifest else None
+    training = training_record(shards, train_manifest) if train_manifest else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     real = real_images(args.shards, args.split, size, args.real_samples) if args.shards else None
@@ -343,14 +444,15 @@ def main(argv=None) -> int:
     entries = {"student": (loaded.model, meta["arch"], thresholds, loaded.source)}
     if teacher is not None:
         entries["teacher"] = (teacher.eval(), spec.name, None, str(spec.checkpoint))
-    models, timed = {}, {}
+    models, timed, infos = {}, {}, {}
     for role, (tapped, arch, thr, source) in entries.items():
         path = out / f"{role}.onnx"
-        info = model_metadata(role, arch, meta, size, thr, source)
+        info = model_metadata(role, arch, meta, size, thr, source, prep, training)
         export_onnx(tapped, path, size, info, args.opset)
         info["check"] = check(tapped, path, size, args.tolerance, real)
         info.update(onnx_file=path.name, onnx_bytes=path.stat().st_size, onnx_sha256=sha256(path))
         (out / f"{role}.json").write_text(json.dumps(info, indent=1))
+        infos[role] = info
         net = tapped.model
         models[role] = {"arch": arch, "params": sum(p.numel() for p in net.parameters()),
                         "macs": count_macs(net, size, tapped.in_chans), "onnx_file": path.name,
@@ -372,6 +474,11 @@ def main(argv=None) -> int:
     table = markdown(report)
     (out / "deploy_report.md").write_text(f"# Deployment report: {meta['arch']}\n\n{table}\n")
     print(table)
+    card = model_card(infos["student"], train_manifest, str(shards) if shards else None, evaluation,
+                      models["student"]["params"], looked_for)
+    (out / "MODEL_CARD.md").write_text(card)
+    print(f"model card: {out / 'MODEL_CARD.md'}"
+          + ("" if evaluation else " (no evaluation of these weights found: no test figures)"))
     ok = all(m["check"]["passed"] for m in models.values())
     if not ok:
         print(f"error: ONNX output differs from PyTorch by more than {args.tolerance:g}", file=sys.stderr)
