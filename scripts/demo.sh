@@ -40,10 +40,12 @@ m = json.load(open(f"{run}/student/metrics.json"))
 alone = json.load(open(f"{run}/student_alone/metrics.json"))
 lr = json.load(open(f"{run}/pixel_baseline.json"))
 print("\nmean AUROC on the test split:")
-print(f"  teacher  resnet18 (11.2 M params)   {m['teacher/test']['mean_auroc']:.3f}")
-print(f"  student  rmsnet_xxs (0.96 M params) {m['student/test']['mean_auroc']:.3f}  distilled")
-print(f"  student  rmsnet_xxs, trained alone    {alone['student/test']['mean_auroc']:.3f}")
-print(f"  pixel logistic regression (16x16)   {lr['mean_auroc']:.3f}")
+rows = [("teacher  resnet18 (11.2 M params)", m["teacher/test"]["mean_auroc"]),
+        ("student  rmsnet_xxs (0.96 M params), distilled", m["student/test"]["mean_auroc"]),
+        ("student  rmsnet_xxs, trained alone (focal loss)", alone["student/test"]["mean_auroc"]),
+        ("pixel logistic regression (16x16)", lr["mean_auroc"])]
+for name, value in rows:
+    print(f"  {name:<48} {value:.3f}")
 PY
 python launcher/compare.py --a "$OUT/demo/student" --b "$OUT/demo/student_alone" --names distilled alone \
   --split test --out "$OUT/demo/distilled_vs_alone.json"
