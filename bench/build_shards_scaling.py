@@ -39,6 +39,7 @@ from pathlib import Path
 
 from _common import (DEFAULT_WORK, REPO, RESULTS, ensure_cxr, machine, median, source_image_size,
                      table, warm_page_cache, write_json)
+from data_pipeline.manifest import read_manifest  # noqa: E402 (after _common puts the repo on the path)
 
 CONFIGS = ("ours-1w", "ours-2w", "plain")
 
@@ -79,7 +80,7 @@ def run_once(config: str, root: Path, out: Path, size: int, n_source: int) -> di
         inner = json.loads(proc.stdout.strip().splitlines()[-1])
         run["in_process_images_per_second"] = round(inner["images"] / inner["seconds"], 2)
     else:
-        summary = json.loads((out / "manifest.json").read_text())["summary"]
+        summary = read_manifest(out)["summary"]
         run["images"] = summary["accepted"]
         run["images_per_second"] = round(summary["accepted"] / seconds, 2)
         run["in_process_images_per_second"] = summary["images_per_second"]

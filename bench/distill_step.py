@@ -51,7 +51,8 @@ from _common import REPO, RESULTS, machine, median, table, write_json
 import torch  # noqa: E402  (after _common, which puts the repo on sys.path)
 
 from data_pipeline.loader import build_loader  # noqa: E402
-from data_pipeline.loader_common import AugmentSpec, read_manifest  # noqa: E402
+from data_pipeline.loader_common import AugmentSpec  # noqa: E402
+from data_pipeline.manifest import MANIFEST, read_manifest  # noqa: E402
 from launcher.config import deepspeed_config, load_config, resolve_precision  # noqa: E402
 from launcher.dist import init_distributed, shutdown  # noqa: E402
 from launcher.distill import build_teacher  # noqa: E402
@@ -267,7 +268,7 @@ def main(argv=None) -> int:
     atexit.register(shutil.rmtree, work, True)  # the 45 MB teacher checkpoint
     base_cfg = load_config(a.config, [f"teacher.checkpoint={work / 'teacher.pt'}"])
     shards = a.shards if a.shards is not None else base_cfg.data.shards
-    if shards in ("none", "") or not (Path(shards) / "manifest.json").is_file():
+    if shards in ("none", "") or not (Path(shards) / MANIFEST).is_file():
         if a.shards not in (None, "none"):
             raise SystemExit(f"error: --shards {shards}: no manifest.json")
         shards = None

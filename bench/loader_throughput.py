@@ -40,13 +40,14 @@ import numpy as np
 
 from _common import (DEFAULT_WORK, REPO, RESULTS, count_rows, ensure_cxr, machine, median,
                      source_image_size, subset_cxr, table, write_json)
+from data_pipeline.manifest import MANIFEST, read_manifest  # noqa: E402 (after _common: repo on the path)
 
 FORMATS = ("png", "jpeg", "raw")
 
 
 def build_format(root: Path, out: Path, fmt: str, size: int, workers: int) -> dict:
     """Shards of `root` in `fmt`, built unless a complete build of the same source is there."""
-    manifest = out / "manifest.json"
+    manifest = out / MANIFEST
     if manifest.is_file():
         m = json.loads(manifest.read_text())
         built = (m["image"]["format"], m["image"]["size"], m["summary"]["inputs"])
@@ -64,7 +65,7 @@ def build_format(root: Path, out: Path, fmt: str, size: int, workers: int) -> di
 
 def shard_bytes(shard_dir: Path) -> dict:
     """Mean bytes per sample over all splits: whole tar (headers, labels, ids, json) and image alone."""
-    m = json.loads((shard_dir / "manifest.json").read_text())
+    m = read_manifest(shard_dir)
     ext = m["image"]["ext"]
     shards = [s for split in m["splits"].values() for s in split["shards"]]
     samples = sum(s["samples"] for s in shards)
@@ -286,7 +287,7 @@ def main(argv=None) -> None:
                         + [ratios[f"{fmt}/{mode}"]["ratio"], ", ".join(f"{x:.2f}" for x in per_round),
                            cpu_ms(fmt, mode, "dali"), cpu_ms(fmt, mode, "torch")])
 
-    m = json.loads((shard_dirs[formats[0]] / "manifest.json").read_text())
+    m = read_manifest(shard_dirs[formats[0]])
     n_split = m["splits"][a.split]["samples"]
     print(f"\nLoader throughput, split {a.split!r} ({n_split} images) of {generation['images']} "
           f"source images, "

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline.adapters import DatasetIndex
+from data_pipeline.manifest import MANIFEST
 from data_pipeline.shard_format import dali_index, sha256_file
 
 STATE_FILE = "build_state.json"
@@ -200,7 +201,7 @@ def start_or_resume(out: Path, digest: str, rejected: list[dict], overwrite: boo
             print(f"resume: keeping {len(state.kept_shards())} shard(s) in {out}, continuing "
                   f"{where}", file=sys.stderr)
     clean_out(out, state.kept_shards() if state else [])
-    (out / "manifest.json").unlink(missing_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)
     if state is None:
         (out / STATE_FILE).unlink(missing_ok=True)
         state = BuildState(out, digest, list(rejected))

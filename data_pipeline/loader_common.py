@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-MANIFEST = "manifest.json"
+from data_pipeline.manifest import read_manifest
 
 
 @dataclass(frozen=True)
@@ -26,17 +26,6 @@ class AugmentSpec:
     @staticmethod
     def none() -> "AugmentSpec":
         return AugmentSpec((1.0, 1.0), 0.0, 0.0, 0.0, 0.0)
-
-
-def read_manifest(shard_dir) -> dict:
-    path = Path(shard_dir) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no shard manifest (build shards with "
-                                f"`python -m data_pipeline.build_shards`)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: corrupt manifest ({e})") from None
 
 
 def split_shards(shard_dir, split: str):

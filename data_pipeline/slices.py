@@ -46,12 +46,12 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline.adapters import SPLITS, load_dataset
-from data_pipeline.build_shards import (MANIFEST, SLICES_DIR, PlannedShard, ShardResult,
-                                        adapter_options, build_parameters, make_manifest,
-                                        make_pool, manifest_head, plan_shards, too_many_rejects,
-                                        write_manifest, write_shards)
+from data_pipeline.build_plan import (SLICES_DIR, PlannedShard, ShardResult, adapter_options,
+                                      build_parameters, make_pool, manifest_head, plan_shards,
+                                      too_many_rejects, write_shards)
 from data_pipeline.build_state import (STATE_FILE, clean_out, parameters_digest, read_checkpoint,
                                        shards_problem)
+from data_pipeline.manifest import MANIFEST, make_manifest, write_manifest
 from data_pipeline.shard_format import encode_sid, sid_offsets
 
 SLICE_VERSION = 1

@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from data_pipeline.labels import CXR14_FINDINGS
+from data_pipeline.manifest import SYNTHETIC_MARKER
 from data_pipeline.synthetic_draw import draw_cxr, draw_us
 
 # Real ChestX-ray14 prevalence rank order, compressed: (finding, probability per image).
@@ -43,7 +44,6 @@ CXR_PREVALENCE = {
 US_COUNTS = {"Fetal abdomen": 711, "Fetal brain": 3092, "Fetal femur": 1626, "Fetal thorax": 1040,
              "Maternal cervix": 4213, "Other": 1718}
 BRAIN_PLANES = ["Trans-thalamic", "Trans-cerebellum", "Trans-ventricular"]
-SYNTHETIC_MARKER = "SYNTHETIC.json"  # in the dataset root; copied into manifest.json by build_shards
 
 CXR_HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,"
               "View Position,OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]")

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data_pipeline.loader_common import read_manifest
+from data_pipeline.manifest import read_manifest
 from data_pipeline.shard_format import (ID_EXT, LABEL_EXT, META_EXT, dali_index, decode_label,
                                         decode_sid, read_shard, sha256_file)
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_pipeline.loader_common import read_manifest
+from data_pipeline.manifest import read_manifest
 from data_pipeline.torch_loader import ShardSamples
 from rmsnet.metrics import classification_summary, format_auroc_table
 

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from data_pipeline.loader import build_emulated_loader, build_loader
-from data_pipeline.loader_common import AugmentSpec, read_manifest
+from data_pipeline.loader_common import AugmentSpec
+from data_pipeline.manifest import read_manifest
 from launcher.checkpoints import Checkpointer
 from launcher.config import ConfigError, check_world, dump_yaml, load_config
 from launcher.dist import barrier, detect_env, init_distributed, shutdown

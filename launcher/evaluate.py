@@ -25,66 +25,19 @@ Writes under --out (default: <run dir>/eval/<split>):
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from data_pipeline.loader_common import read_manifest
+from data_pipeline.manifest import read_manifest
 from launcher.config import ConfigError
 from launcher.model_loading import (THRESHOLDS, CheckpointError, LoadedModel, _find_run_dir,
                                     _run_config, load_model, load_teacher, locate_checkpoint,
                                     resolve_teacher, write_thresholds)
-from rmsnet import metrics as M
-from rmsnet.calibration import expected_calibration_error
-
-def split_semantics(manifest: dict, split: str) -> dict:
-    """Is the split patient-disjoint from the others? From how the shard builder made it."""
-    if "patient_disjoint" in manifest:  # an explicit statement wins
-        return {"patient_disjoint": bool(manifest["patient_disjoint"]), "basis": "manifest.json"}
-    options = manifest.get("dataset_options") or {}
-    if manifest.get("dataset") == "csv" and not options.get("patient_column"):
-        return {"patient_disjoint": False,
-                "basis": "csv dataset built without --patient-column: every image was its own patient, "
-                         "so splits are image-level and may share patients"}
-    patients = manifest["splits"][split].get("patients")
-    return {"patient_disjoint": True,
-            "basis": f"data_pipeline.build_shards ({manifest.get('dataset')}): splits assigned by patient "
-                     f"and every patient found in two splits rejected; '{split}' has {patients} patients"}
-
-
-def summarise(probs, targets, label_names, multilabel: bool, thresholds, replicates, seed: int) -> dict:
-    """Every number metrics.json reports for one model on one split."""
-    base = M.classification_summary(probs, targets, label_names, multilabel)  # warns on missing classes
-    boot = M.summarise_bootstrap(replicates, seed)
-    ap = M.per_class_average_precision(probs, targets)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the AUROC warning above already named the classes
-        mean_ap = M.macro_mean(ap, list(label_names), "AUPRC")
-    sens_spec = [M.sensitivity_specificity(probs[:, c], targets[:, c], thresholds[c] if thresholds else None)
-                 for c in range(len(label_names))]
-    ece, bins = expected_calibration_error(probs, targets, multilabel)
-    out = {"samples": base["samples"], "positives": base["positives"],
-           "missing_classes": [n for n, v in base["auroc"].items() if v is None],
-           "auroc": base["auroc"], "auroc_ci95": dict(zip(label_names, boot["auroc_ci95"])),
-           "mean_auroc": base["mean_auroc"], "mean_auroc_ci95": boot["mean_auroc_ci95"],
-           "bootstrap": {k: boot[k] for k in ("reps", "reps_used", "seed", "level", "method")},
-           "auprc": dict(zip(label_names, ap)), "mean_auprc": mean_ap,
-           "thresholds": dict(zip(label_names, thresholds)) if thresholds else None,
-           "sensitivity": dict(zip(label_names, [s for s, _ in sens_spec])),
-           "specificity": dict(zip(label_names, [s for _, s in sens_spec])),
-           "ece": ece, "ece_over": "every class probability (n x C)" if multilabel else "top-1 confidence",
-           "calibration_bins": bins}
-    if not multilabel:
-        out["accuracy"] = base["accuracy"]
-        cm = M.confusion_matrix(targets.argmax(1), probs.argmax(1), len(label_names))
-        out["confusion_matrix"] = {"rows": "true class", "columns": "predicted class (argmax)",
-                                   "labels": list(label_names), "counts": cm.tolist()}
-    return out
-
+from launcher.metrics_doc import (metrics_document, report_text, split_report, write_metrics,
+                                  youden_thresholds)
 
 # ---------------------------------------------------------------------------------------- main
 def parse_args(argv=None):
@@ -166,47 +119,38 @@ def main(argv=None) -> int:
 
 def report(args, loaded: LoadedModel, spec, manifest, shards, preds, out: Path, world: int) -> dict:
     """Rank 0: thresholds on validation, metrics on the split, JSON, figures, TensorBoard, table."""
-    names, multilabel, split = manifest["label_names"], manifest["multilabel"], args.split
+    split = args.split
     roles = [m for m in ("student", "teacher") if (m, split) in preds]
     out.mkdir(parents=True, exist_ok=True)
     (out / "predictions").mkdir(exist_ok=True)
-    summaries, replicate_means = {}, {}
-    for m in roles:
-        thresholds = choose_thresholds(preds[m, args.val_split], loaded, args.val_split, out,
-                                       write=m == "student")
-        p, t, sids = preds[m, split]
-        np.savez_compressed(out / "predictions" / f"{m}_{split}.npz", sid=sids, probs=p, targets=t)
-        replicates = M.bootstrap_auroc_replicates(p, t, args.bootstrap, args.seed)
-        replicate_means[m] = M.replicate_means(replicates)
-        summaries[m] = summarise(p, t, names, multilabel, thresholds, replicates, args.seed)
-        summaries[m]["model"] = loaded.meta["arch"] if m == "student" else spec.name
-        summaries[m]["checkpoint"] = loaded.source if m == "student" else str(spec.checkpoint)
-
     n = len(preds["student", split][0])
     if n != manifest["splits"][split]["samples"]:  # engine.predict's dedupe guarantees this
         raise RuntimeError(f"scored {n} samples of split {split!r}, the manifest lists "
                            f"{manifest['splits'][split]['samples']}")
-    doc = {"split": split, **split_semantics(manifest, split), "val_split": args.val_split,
-           "dataset": manifest.get("dataset"), "shards": str(Path(shards).resolve()), "samples": n,
-           "world_size": world, "label_names": names, "multilabel": multilabel,
-           "step": loaded.meta.get("step"), "thresholds_file": THRESHOLDS, **summaries}
-    if "teacher" in summaries:  # paired: both models were scored on the same resamples
-        s, t = summaries["student"]["mean_auroc"], summaries["teacher"]["mean_auroc"]
-        doc["student_minus_teacher"] = {
-            "mean_auroc": None if s is None or t is None else s - t,
-            "ci95": M.percentile_interval(replicate_means["student"] - replicate_means["teacher"]),
-            "method": "paired percentile bootstrap (same resamples for both models)"}
+    thresholds = {m: choose_thresholds(preds[m, args.val_split], loaded, args.val_split, out,
+                                       write=m == "student") for m in roles}
+    for m in roles:
+        p, t, sids = preds[m, split]
+        np.savez_compressed(out / "predictions" / f"{m}_{split}.npz", sid=sids, probs=p, targets=t)
+    models = {"student": {"model": loaded.meta["arch"], "checkpoint": loaded.source}}
+    if "teacher" in roles:
+        models["teacher"] = {"model": spec.name, "checkpoint": str(spec.checkpoint)}
+    entry = split_report(manifest, split, {m: preds[m, split][:2] for m in roles}, thresholds, models,
+                         args.bootstrap, args.seed)
+    doc = metrics_document("launcher/evaluate.py", manifest, shards, loaded.meta.get("step"), world,
+                           args.val_split, {split: entry})
+    doc["thresholds_file"] = THRESHOLDS
 
-    labels = {m: f"{m} ({summaries[m]['model']})" for m in roles}
-    figures = make_figures(preds, summaries, labels, doc)
-    doc["figures"] = {}
+    labels = {m: f"{m} ({entry['models'][m]['model']})" for m in roles}
+    figures = make_figures(preds, doc, split, labels)
+    entry["figures"] = {}
     for kind, fig in figures.items():
         fig.savefig(out / f"{kind}_{split}.png", dpi=110)
-        doc["figures"][kind] = f"{kind}_{split}.png"
-    (out / "metrics.json").write_text(json.dumps(doc, indent=1))
-    text = report_text(doc, summaries, labels)
+        entry["figures"][kind] = f"{kind}_{split}.png"
+    write_metrics(out / "metrics.json", doc)
+    text = report_text(doc, split, labels)
     print(text, flush=True)
-    log_tensorboard(out / "tb", summaries, figures, text, split, int(loaded.meta.get("step") or 0))
+    log_tensorboard(out / "tb", entry["models"], figures, text, split, int(loaded.meta.get("step") or 0))
     print(f"wrote {out / 'metrics.json'}, figures, TensorBoard logs in {out / 'tb'}; "
           f"thresholds in {loaded.model_dir / THRESHOLDS}", flush=True)
     return doc
@@ -216,8 +160,7 @@ def choose_thresholds(val_pred, loaded: LoadedModel, val_split: str, out: Path, 
     """Youden thresholds per class on the validation predictions; the student's are written to
     `out` and next to the model (for export.py)."""
     probs, targets, _ = val_pred
-    chosen = [M.youden_threshold(probs[:, c], targets[:, c]) for c in range(probs.shape[1])]
-    thresholds, j = [t for t, _ in chosen], [v for _, v in chosen]
+    thresholds, j = youden_thresholds(probs, targets)
     if write:
         write_thresholds(out / THRESHOLDS, loaded, val_split, thresholds, j, len(probs))
         try:
@@ -228,39 +171,19 @@ def choose_thresholds(val_pred, loaded: LoadedModel, val_split: str, out: Path, 
     return thresholds
 
 
-def make_figures(preds, summaries: dict, labels: dict, doc: dict) -> dict:
+def make_figures(preds, doc: dict, split: str, labels: dict) -> dict:
     from launcher.plots import reliability_figure, roc_figure
-    split = doc["split"]
+    entry = doc["splits"][split]
+    summaries = entry["models"]
     curves = {labels[m]: {"probs": preds[m, split][0], "targets": preds[m, split][1],
                           "auroc": summaries[m]["auroc"]} for m in labels}
     what = "predicted probability (every class)" if doc["multilabel"] else "top-1 confidence"
     calib = {labels[m]: {"bins": summaries[m]["calibration_bins"], "ece": summaries[m]["ece"], "what": what}
              for m in labels}
-    disjoint = "patient-disjoint, " if doc["patient_disjoint"] else ""
-    title = f"'{split}' split ({disjoint}{doc['samples']} images)"
+    disjoint = "patient-disjoint, " if entry["patient_disjoint"] else ""
+    title = f"'{split}' split ({disjoint}{entry['samples']} images)"
     return {"roc": roc_figure(curves, doc["label_names"], f"ROC per class, {title}"),
             "reliability": reliability_figure(calib, f"Reliability (15 bins), {title}")}
-
-
-def report_text(doc: dict, summaries: dict, labels: dict) -> str:
-    """The per-class table of every model and one summary line each."""
-    disjoint = "patient-disjoint" if doc["patient_disjoint"] else "NOT known to be patient-disjoint"
-    lines = [f"per-class metrics on the '{doc['split']}' split ({disjoint}, {doc['samples']} images; "
-             f"sensitivity/specificity at Youden thresholds from '{doc['val_split']}'):",
-             M.format_metrics_table({labels[m]: summaries[m] for m in labels}, doc["label_names"])]
-    for m in labels:
-        s = summaries[m]
-        lo, hi = s["mean_auroc_ci95"] or (None, None)
-        extra = f", accuracy {s['accuracy']:.3f}" if "accuracy" in s else ""
-        lines.append(f"{labels[m]}: mean AUROC {_fmt(s['mean_auroc'])} (95% CI {_fmt(lo)}-{_fmt(hi)}, "
-                     f"{s['bootstrap']['reps']} resamples), mean AUPRC {_fmt(s['mean_auprc'])}, "
-                     f"ECE {s['ece']:.4f}{extra}")
-    if "student_minus_teacher" in doc:
-        d = doc["student_minus_teacher"]
-        lo, hi = d["ci95"] or (None, None)
-        lines.append(f"student - teacher mean AUROC {_fmt(d['mean_auroc'], '+.3f')} "
-                     f"(95% CI {_fmt(lo, '+.3f')} to {_fmt(hi, '+.3f')})")
-    return "\n".join(lines)
 
 
 def log_tensorboard(log_dir: Path, summaries: dict, figures: dict, text: str, split: str,
@@ -279,10 +202,6 @@ def log_tensorboard(log_dir: Path, summaries: dict, figures: dict, text: str, sp
         monitor.figure(f"eval/{split}/{kind}", fig, step)  # closes the figure
     monitor.text(f"eval/{split}/table", f"```\n{text}\n```", step)
     monitor.close()
-
-
-def _fmt(v, spec: str = ".3f") -> str:
-    return "-" if v is None else format(v, spec)
 
 
 if __name__ == "__main__":

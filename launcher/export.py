@@ -55,8 +55,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from data_pipeline.loader_common import MANIFEST, read_manifest
+from data_pipeline.manifest import MANIFEST, read_manifest
 from launcher.config import ConfigError
+from launcher.metrics_doc import model_result, read_metrics
 from launcher.model_card import model_card
 from launcher.model_loading import (REPO, THRESHOLDS, CheckpointError, LoadedModel, load_model, load_teacher,
                                     read_thresholds, resolve_teacher)
@@ -315,14 +316,18 @@ def training_record(shards: Path, manifest: dict) -> dict:
             "samples": {s: v.get("samples") for s, v in manifest["splits"].items()}}
 
 
-def _evaluation_of(path: Path, loaded: LoadedModel) -> tuple[dict | None, str]:
-    """(evaluate.py's metrics.json, "") when it scored these weights, else (None, why not)."""
+def _evaluation_of(path: Path, loaded: LoadedModel, split: str | None) -> tuple[dict | None, str]:
+    """(evaluate.py's metrics.json, "") when it scored these weights on `split` (None: whichever
+    single split it holds), else (None, why not)."""
     try:
-        doc = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        return None, f"{path}: unreadable ({e})"
-    if not isinstance(doc, dict) or "student" not in doc or "split" not in doc:
+        doc = read_metrics(path)
+    except ValueError as e:
+        return None, str(e)
+    if doc.get("written_by") != "launcher/evaluate.py" or len(doc["splits"]) != 1:
         return None, f"{path}: not a metrics.json of launcher/evaluate.py"
+    (held,) = doc["splits"]
+    if split is not None and held != split or model_result(doc, "student", held) is None:
+        return None, f"{path}: no student result on split {split!r} (holds {held!r})"
     beside = path.parent / THRESHOLDS
     try:
         fingerprint = json.loads(beside.read_text()).get("fingerprint")
@@ -336,18 +341,18 @@ def _evaluation_of(path: Path, loaded: LoadedModel) -> tuple[dict | None, str]:
 
 def find_evaluation(loaded: LoadedModel, metrics_arg: str | None, split: str) -> tuple[dict | None, str]:
     """The evaluation of these weights on `split` for the model card (see the module docstring),
-    and where it was looked for. An explicit --metrics that is not one is a CheckpointError."""
+    and where it was looked for: {"kind": "evaluate" | "run", "path", "doc" (a metrics.json,
+    launcher/metrics_doc.py), "split"}. An explicit --metrics that is not one is a CheckpointError."""
     if metrics_arg:
         path = Path(metrics_arg)
-        doc, why = _evaluation_of(path, loaded)
+        doc, why = _evaluation_of(path, loaded, None)
         if doc is None:
             raise CheckpointError(f"--metrics {why}")
-        return {"kind": "evaluate", "path": str(path), "doc": doc, "split": doc["split"]}, str(path)
+        return {"kind": "evaluate", "path": str(path), "doc": doc, "split": next(iter(doc["splits"]))}, str(path)
     base = loaded.run_dir or loaded.model_dir
     candidates = [p for p in [base / "eval" / "metrics.json", *sorted(base.glob("eval/*/metrics.json"))]
                   if p.is_file()]
-    found = [(p, doc) for p in candidates for doc in [_evaluation_of(p, loaded)[0]]
-             if doc is not None and doc["split"] == split]
+    found = [(p, doc) for p in candidates for doc in [_evaluation_of(p, loaded, split)[0]] if doc is not None]
     looked = f"{base / 'eval' / 'metrics.json'} and {base / 'eval' / '*' / 'metrics.json'}"
     if found:
         path, doc = max(found, key=lambda f: f[0].stat().st_mtime)
@@ -356,8 +361,12 @@ def find_evaluation(loaded: LoadedModel, metrics_arg: str | None, split: str) ->
         looked += f", and {loaded.run_dir / 'metrics.json'} for {loaded.run_dir / 'final' / 'model.pt'}"
         final, run_metrics = loaded.run_dir / "final" / "model.pt", loaded.run_dir / "metrics.json"
         if final.is_file() and Path(loaded.source).resolve() == final.resolve() and run_metrics.is_file():
-            doc = json.loads(run_metrics.read_text()).get(f"student/{split}")
-            if doc:
+            try:
+                doc = read_metrics(run_metrics)
+            except ValueError as e:
+                print(f"note: {e}", file=sys.stderr)
+                doc = None
+            if doc is not None and model_result(doc, "student", split) is not None:
                 return {"kind": "run", "path": str(run_metrics), "doc": doc, "split": split}, looked
     return None, looked
 

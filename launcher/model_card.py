@@ -138,24 +138,18 @@ def performance(evaluation: dict | None, names: list[str], looked_for: str) -> l
     if evaluation is None:
         return lines + [f"No evaluation of these weights was found ({looked_for}): run "
                         f"`launcher/evaluate.py`, then export again.", ""]
-    doc, where = evaluation["doc"], evaluation["path"]
-    if evaluation["kind"] == "run":
-        s = doc
-        lines += [f"From the run's `{where}` (written at the end of training for these weights): "
-                  f"AUROC on the '{evaluation['split']}' split, {s.get('samples')} images, without "
-                  f"intervals (`launcher/evaluate.py` adds bootstrap intervals).", ""]
-        rows = [[n, _fmt(s["auroc"].get(n))] for n in names]
-        rows.append(["**macro mean**", f"**{_fmt(s.get('mean_auroc'))}**"])
-        return lines + _table(["label", "AUROC"], rows) + [""]
-    s = doc["student"]
-    disjoint = ("patient-disjoint from training" if doc.get("patient_disjoint")
+    doc, where, split = evaluation["doc"], evaluation["path"], evaluation["split"]
+    entry = doc["splits"][split]
+    s = entry["models"]["student"]
+    disjoint = ("patient-disjoint from training" if entry.get("patient_disjoint")
                 else "NOT known to be patient-disjoint from training")
     boot = s.get("bootstrap") or {}
-    lines += [f"From `{where}` (`launcher/evaluate.py`, fingerprint-checked against these weights): the "
-              f"'{doc['split']}' split of `{doc.get('shards')}`, {s['samples']} images, {disjoint} "
-              f"({doc.get('basis')}). AUROC with {boot.get('level', 0.95):.0%} intervals from "
-              f"{boot.get('reps')} bootstrap resamples ({boot.get('method')}); sensitivity and "
-              f"specificity at the thresholds above.", ""]
+    source = ("the run's own, written at the end of training for these weights"
+              if evaluation["kind"] == "run" else "`launcher/evaluate.py`, fingerprint-checked against these weights")
+    lines += [f"From `{where}` ({source}): the '{split}' split of `{doc.get('shards')}`, {s['samples']} "
+              f"images, {disjoint} ({entry.get('basis')}). AUROC with {boot.get('level', 0.95):.0%} "
+              f"intervals from {boot.get('reps')} bootstrap resamples ({boot.get('method')}); sensitivity "
+              f"and specificity at per-class thresholds chosen on '{doc['thresholds']['chosen_on']}'.", ""]
     rows = []
     for n in names:
         ci = (s.get("auroc_ci95") or {}).get(n)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from data_pipeline.loader_common import read_manifest
+from data_pipeline.manifest import read_manifest
 from launcher.config import Config, ConfigError, load_config
 from rmsnet.teachers import (CheckpointMismatchError, TappedModel, create_tapped_model, create_teacher,
                              read_state_dict)

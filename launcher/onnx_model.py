@@ -12,6 +12,8 @@ import hashlib
 import json
 from pathlib import Path
 
+from data_pipeline.manifest import MANIFEST
+
 DEFAULT_THRESHOLD = 0.5
 # metadata_props values that export.py writes as JSON; the others are plain strings, or "null"
 JSON_KEYS = ("label_names", "multilabel", "input", "output", "thresholds", "thresholds_chosen_on",
@@ -34,7 +36,7 @@ def preprocessing(manifest: dict, shards: Path, image_size: int, trained_image_s
     image = manifest["image"]
     stored = int(image["size"])
     return {
-        "source": str(Path(shards).resolve() / "manifest.json"),
+        "source": str(Path(shards).resolve() / MANIFEST),
         "gray8": "data_pipeline/image_io.py load_gray8 (DICOM rescale and window, MONOCHROME1 inverted; "
                  "16-bit >> 8; colour to luminance; EXIF orientation)",
         "shard_size": stored, "fit": image.get("fit", "pad"), "format": image["format"],

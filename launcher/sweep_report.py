@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from launcher.compare import paired_runs
+from launcher.metrics_doc import model_result, read_metrics
 
 FINISHED = "metrics.json"  # launcher/distill.py writes it last: a run with it is finished
 
@@ -31,11 +32,15 @@ def run_result(out: Path, run: dict) -> dict | None:
     path = out / run["run_dir"] / FINISHED
     if not path.is_file():
         return None
-    m = json.loads(path.read_text())
-    res = {"val": m[f"student/{run['val_split']}"]["mean_auroc"],
-           "test": m[f"student/{run['test_split']}"]["mean_auroc"]}
-    if f"teacher/{run['test_split']}" in m:
-        res["teacher_test"] = m[f"teacher/{run['test_split']}"]["mean_auroc"]
+    m = read_metrics(path)
+    res = {}
+    for key, role, split in (("val", "student", run["val_split"]), ("test", "student", run["test_split"]),
+                             ("teacher_test", "teacher", run["test_split"])):
+        r = model_result(m, role, split)
+        if r is None and role == "student":
+            raise ValueError(f"{path}: no {role} result on split {split!r}")
+        if r is not None:
+            res[key] = r["mean_auroc"]
     return res
 
 

@@ -35,17 +35,19 @@ deepspeed --num_gpus "$RANKS" launcher/distill.py --config launcher/configs/demo
   | grep --line-buffered -vE '^\[[0-9-]+ [0-9:,]+\] \[(INFO|WARNING)\]|^W[0-9]{4} |FutureWarning|return func|^\s*$'
 python - "$OUT/demo" <<'PY'
 import json, sys
+from launcher.metrics_doc import model_result, read_metrics
 run = sys.argv[1]
-m = json.load(open(f"{run}/student/metrics.json"))
-alone = json.load(open(f"{run}/student_alone/metrics.json"))
+m = read_metrics(f"{run}/student/metrics.json")
+alone = read_metrics(f"{run}/student_alone/metrics.json")
 lr = json.load(open(f"{run}/pixel_baseline.json"))
-print("\nmean AUROC on the test split:")
-rows = [("teacher  resnet18 (11.2 M params)", m["teacher/test"]["mean_auroc"]),
-        ("student  rmsnet_xxs (0.96 M params), distilled", m["student/test"]["mean_auroc"]),
-        ("student  rmsnet_xxs, trained alone (focal loss)", alone["student/test"]["mean_auroc"]),
-        ("pixel logistic regression (16x16)", lr["mean_auroc"])]
-for name, value in rows:
-    print(f"  {name:<48} {value:.3f}")
+print("\nmean AUROC on the test split (95% bootstrap interval over test images):")
+rows = [("teacher  resnet18 (11.2 M params)", model_result(m, "teacher", "test")),
+        ("student  rmsnet_xxs (0.96 M params), distilled", model_result(m, "student", "test")),
+        ("student  rmsnet_xxs, trained alone (focal loss)", model_result(alone, "student", "test")),
+        ("pixel logistic regression (16x16)", {"mean_auroc": lr["mean_auroc"], "mean_auroc_ci95": None})]
+for name, r in rows:
+    ci = r["mean_auroc_ci95"]
+    print(f"  {name:<48} {r['mean_auroc']:.3f}" + (f"  ({ci[0]:.3f}-{ci[1]:.3f})" if ci else ""))
 PY
 python launcher/compare.py --a "$OUT/demo/student" --b "$OUT/demo/student_alone" --names distilled alone \
   --split test --out "$OUT/demo/distilled_vs_alone.json"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline import build_shards
+from data_pipeline import build_plan, build_shards
 from data_pipeline.build_state import STATE_FILE
 from data_pipeline.shard_format import ShardWriter
 from conftest import make_cxr_with_rejects
@@ -157,13 +157,13 @@ def _interrupt_at(monkeypatch, n: int) -> list[int]:
 
 
 def _count_decodes(monkeypatch) -> list[str]:
-    decoded, original = [], build_shards.prepare
+    decoded, original = [], build_plan.prepare  # the decode every build mode calls
 
     def prepare(path, **kw):
         decoded.append(Path(path).name)
         return original(path, **kw)
 
-    monkeypatch.setattr(build_shards, "prepare", prepare)
+    monkeypatch.setattr(build_plan, "prepare", prepare)
     return decoded
 
 

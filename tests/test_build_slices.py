@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from data_pipeline import build_shards
+from data_pipeline import build_plan, build_shards
 from data_pipeline.shard_format import ShardWriter
 from conftest import make_cxr_with_rejects
 from data_pipeline.verify_shards import verify
@@ -248,8 +248,8 @@ def test_an_interrupted_slice_resumes_its_own_shards_and_leaves_the_others_alone
     state = json.loads((copy / "slices" / "slice-0001-of-0003.state.json").read_text())
     assert len(state["results"]) == 2
 
-    decoded, prepare = [], build_shards.prepare
-    monkeypatch.setattr(build_shards, "prepare", lambda path, **kw: decoded.append(path)
+    decoded, prepare = [], build_plan.prepare
+    monkeypatch.setattr(build_plan, "prepare", lambda path, **kw: decoded.append(path)
                         or prepare(path, **kw))
     build_shards.main(_argv(root, copy) + _slice(1))
     slice1 = _slice_manifest(copy, 1)

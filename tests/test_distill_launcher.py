@@ -15,6 +15,7 @@ import torch
 
 from _launch import REPO, deepspeed_cmd, leaked_shm, python_cmd, run, tiny_run_args
 from data_pipeline.loader import build_loader
+from launcher.metrics_doc import model_result, read_metrics
 from launcher.validation import evaluate_split
 from rmsnet.teachers import create_tapped_model
 
@@ -56,7 +57,7 @@ def test_two_rank_cpu_distillation_leaves_checkpoint_student_and_readable_tensor
     manifest = json.loads((Path(cxr_shards) / "manifest.json").read_text())
     loader = build_loader(cxr_shards, "test", backend="dali", batch_size=5, image_size=48, train=False)
     single = evaluate_split(student.forward_logits, loader, torch.device("cpu"), manifest, torch.float32)
-    in_run = json.loads((run_dir / "metrics.json").read_text())["student/test"]
+    in_run = model_result(read_metrics(run_dir / "metrics.json"), "student", "test")
     assert in_run["samples"] == single["samples"] == manifest["splits"]["test"]["samples"]
     for name, value in single["auroc"].items():
         assert in_run["auroc"][name] == pytest.approx(value, abs=1e-6), name
@@ -92,14 +93,15 @@ def test_single_process_supervised_mode_trains_without_teacher(cxr_shards, tmp_p
     assert saved["meta"]["arch"] == "resnet18" and not saved["adapters"]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     # TensorBoard names what was trained (a teacher trained supervised is no "student") and times
-    # no teacher; metrics.json keeps the role keys that sweeps and comparisons read.
+    # no teacher; metrics.json keeps the roles that sweeps and comparisons read.
     acc = EventAccumulator(str(tmp_path / "teacher" / "tb"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     assert {"eval/resnet18/test/mean_auroc", "eval/resnet18/val/mean_auroc", "train/loss"} <= tags, tags
     assert not any(t.startswith(("eval/student/", "eval/teacher/")) for t in tags), tags
     assert "train/time/teacher_forward_s" not in tags and "train/time/student_step_s" in tags
-    assert "student/test" in json.loads((tmp_path / "teacher" / "metrics.json").read_text())
+    doc = read_metrics(tmp_path / "teacher" / "metrics.json")
+    assert model_result(doc, "student", "test") is not None and model_result(doc, "teacher", "test") is None
 
 
 @pytest.mark.slow
@@ -119,7 +121,7 @@ def test_bf16_distillation_runs_end_to_end_with_a_bf16_teacher(cxr_shards, rando
     exported = torch.load(run_dir / "final" / "model.pt", weights_only=True)
     student = create_tapped_model(exported["meta"]["arch"], exported["meta"]["num_classes"], in_chans=1)
     student.model.load_state_dict(exported["model"])
-    assert json.loads((run_dir / "metrics.json").read_text())["student/test"]["samples"] > 0
+    assert model_result(read_metrics(run_dir / "metrics.json"), "student", "test")["samples"] > 0
     # The export holds the optimizer's fp32 master weights, not the bf16 copies the forward used.
     weights = [v for k, v in exported["model"].items() if k.endswith(".weight")]
     assert all(w.dtype == torch.float32 for w in weights)

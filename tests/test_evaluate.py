@@ -23,7 +23,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from _launch import REPO, free_port, run
 from launcher import evaluate
-from launcher.evaluate import split_semantics
+from launcher.metrics_doc import model_result, read_metrics, split_semantics
 from launcher.model_loading import CheckpointError, load_model, locate_checkpoint, write_thresholds
 from rmsnet import metrics as M
 from rmsnet.calibration import expected_calibration_error, reliability_bins
@@ -206,14 +206,16 @@ def test_evaluate_cli_writes_metrics_figures_tensorboard_and_thresholds(handmade
     printed = capsys.readouterr().out
     assert "student (rmsnet_xxs)" in printed and "teacher (resnet18)" in printed and "95% CI" in printed
 
-    m = json.loads((out / "metrics.json").read_text())
+    doc = read_metrics(out / "metrics.json")
+    m = doc["splits"]["test"]
     manifest = handmade_run["manifest"]
     names = manifest["label_names"]
-    assert m["split"] == "test" and m["patient_disjoint"] is True and m["val_split"] == "val"
+    assert list(doc["splits"]) == ["test"] and m["patient_disjoint"] is True
+    assert doc["thresholds"]["chosen_on"] == "val" and doc["written_by"] == "launcher/evaluate.py"
     assert m["samples"] == manifest["splits"]["test"]["samples"]
     positives = manifest["splits"]["test"]["positives"]
     for who in ("student", "teacher"):
-        s = m[who]
+        s = m["models"][who]
         pred = np.load(out / "predictions" / f"{who}_test.npz")
         assert len(np.unique(pred["sid"])) == len(pred["sid"]) == m["samples"]  # each sample once
         for c, name in enumerate(names):
@@ -257,7 +259,7 @@ def test_single_label_task_reports_accuracy_and_confusion_matrix(us_shards, tmp_
         rc = evaluate.main(["--checkpoint", str(tmp_path / "model.pt"), "--shards", str(us_shards),
                             "--out", str(tmp_path / "eval"), "--bootstrap", "50"])
     assert rc == 0
-    s = json.loads((tmp_path / "eval" / "metrics.json").read_text())["student"]
+    s = model_result(read_metrics(tmp_path / "eval" / "metrics.json"), "student", "test")
     pred = np.load(tmp_path / "eval" / "predictions" / "student_test.npz")
     cm = np.array(s["confusion_matrix"]["counts"])
     assert cm.sum() == len(pred["sid"]) and cm.shape == (len(names), len(names))
@@ -344,9 +346,10 @@ def test_two_rank_evaluation_equals_single_process_on_an_uneven_split(zero2_run,
     one = run([sys.executable, str(EVALUATE), *common, "--out", str(tmp_path / "one")])
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
 
-    m1, m2 = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
-    assert m2["world_size"] == 2 and m1["world_size"] == 1
-    assert m1["samples"] == m2["samples"] == n
+    d1, d2 = (read_metrics(tmp_path / d / "metrics.json") for d in ("one", "two"))
+    assert d2["world_size"] == 2 and d1["world_size"] == 1
+    m1, m2 = d1["splits"]["test"]["models"], d2["splits"]["test"]["models"]
+    assert d1["splits"]["test"]["samples"] == d2["splits"]["test"]["samples"] == n
     for who in ("student", "teacher"):
         p1, p2 = (np.load(tmp_path / d / "predictions" / f"{who}_test.npz") for d in ("one", "two"))
         np.testing.assert_array_equal(p1["sid"], p2["sid"])
@@ -367,7 +370,7 @@ def test_evaluating_the_deepspeed_checkpoint_gives_the_final_models_numbers(zero
         for name, ckpt in (("final", zero2_run), ("ds", zero2_run / "checkpoints")):
             assert evaluate.main(["--checkpoint", str(ckpt), "--shards", str(cxr_shards), "--no-teacher",
                                   "--bootstrap", "50", "--out", str(tmp_path / name)]) == 0
-    a, b = (json.loads((tmp_path / d / "metrics.json").read_text())["student"] for d in ("final", "ds"))
+    a, b = (model_result(read_metrics(tmp_path / d / "metrics.json"), "student", "test") for d in ("final", "ds"))
     assert a["auroc"] == b["auroc"] and a["mean_auroc_ci95"] == b["mean_auroc_ci95"]
     tag = (zero2_run / "checkpoints" / "latest").read_text().strip()
     assert (zero2_run / "checkpoints" / tag / "thresholds.json").is_file()  # next to that model

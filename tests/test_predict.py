@@ -30,6 +30,7 @@ from data_pipeline.image_io import load_gray8
 from data_pipeline.loader import build_loader
 from data_pipeline.shard_format import ID_EXT, META_EXT, decode_sid, read_shard
 from launcher import evaluate, export, predict
+from launcher.metrics_doc import model_result, read_metrics
 from launcher.model_loading import load_model
 from rmsnet.teachers import create_tapped_model
 from test_dicom import write_dicom
@@ -356,7 +357,7 @@ def test_model_card_states_data_labels_thresholds_test_auroc_use_and_fingerprint
     card = (exported / "MODEL_CARD.md").read_text()
     manifest = json.loads((cxr_shards / "manifest.json").read_text())
     thresholds = json.loads((d / "thresholds.json").read_text())
-    metrics = json.loads((d / "eval" / "test" / "metrics.json").read_text())["student"]
+    metrics = model_result(read_metrics(d / "eval" / "test" / "metrics.json"), "student", "test")
     assert hashlib.sha256((exported / "student.onnx").read_bytes()).hexdigest() in card
     assert f"`{cxr_shards}`" in card and "dataset `chestxray14`" in card
     for split, entry in manifest["splits"].items():

@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from _launch import REPO, assert_same_student, trained_params
+from launcher.metrics_doc import model_result, read_metrics
 
 pytestmark = pytest.mark.slow
 CFG = REPO / "launcher" / "configs" / "demo_distill.yaml"
@@ -134,8 +135,8 @@ def test_distill_sbatch_runs_two_ranks_under_srun(reference_run):
     assert "world 2 (gloo, cpu)" in rank0 and "rank 0/2 on" in rank0
     assert "rank 1/2 on" in logs[1].read_text()
     assert (reference_run / "final" / "model.pt").is_file()
-    metrics = json.loads((reference_run / "metrics.json").read_text())
-    assert 0.0 <= metrics["student/test"]["mean_auroc"] <= 1.0
+    metrics = read_metrics(reference_run / "metrics.json")
+    assert 0.0 <= model_result(metrics, "student", "test")["mean_auroc"] <= 1.0
     assert list((reference_run / "tb").glob("events.out.tfevents.*"))
 
 
@@ -145,11 +146,11 @@ def test_evaluate_sbatch_scores_the_run(reference_run, tmp_path):
     info = wait_for(job)
     log = (tmp_path / f"slurm-rms-evaluate-{job}.out").read_text()
     assert info["JobState"] == "COMPLETED", (info, log)
-    result = json.loads((reference_run / "eval" / "test" / "metrics.json").read_text())
-    assert result["world_size"] == 2 and result["split"] == "test"
+    result = read_metrics(reference_run / "eval" / "test" / "metrics.json")
+    assert result["world_size"] == 2 and list(result["splits"]) == ["test"]
     # the same model on the same split as the training run's own final evaluation
-    expected = json.loads((reference_run / "metrics.json").read_text())["student/test"]["mean_auroc"]
-    assert result["student"]["mean_auroc"] == pytest.approx(expected, abs=1e-6)
+    expected = model_result(read_metrics(reference_run / "metrics.json"), "student", "test")["mean_auroc"]
+    assert model_result(result, "student", "test")["mean_auroc"] == pytest.approx(expected, abs=1e-6)
 
 
 @pytest.mark.parametrize("how", ["scontrol-requeue", "sigusr1-time-limit"])

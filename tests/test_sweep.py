@@ -18,7 +18,9 @@ import numpy as np
 import pytest
 
 from _launch import REPO
-from data_pipeline.loader_common import read_manifest, split_patients
+from data_pipeline.loader_common import split_patients
+from data_pipeline.manifest import read_manifest
+from launcher.metrics_doc import model_result, read_metrics
 from launcher import sweep, sweep_report
 from launcher.config import ConfigError
 
@@ -89,23 +91,24 @@ def test_another_plan_for_the_same_directory_is_refused(tmp_path, cxr_shards, ra
 
 def _fake_finished(out: Path, run: dict, val: float, test: float, cxr_shards: Path, rng) -> None:
     """What distill.py leaves in a finished run: predictions of val and test, then metrics.json."""
+    from launcher.metrics_doc import metrics_document, split_report
     from launcher.validation import save_predictions
-    from rmsnet.metrics import classification_summary
 
     manifest = read_manifest(cxr_shards)
     d = out / run["run_dir"]
-    results = {}
+    splits = {}
     for split, target_score in (("val", val), ("test", test)):
         sids = np.array(sorted(split_patients(cxr_shards, split)))
         labels = np.random.default_rng(len(split))  # the same labels in every run
         targets = (labels.random((len(sids), 14)) < 0.3).astype(np.float32)
         probs = rng.random(targets.shape)
         save_predictions(d / "predictions" / f"student_{split}.npz", {"sid": sids, "probs": probs, "targets": targets})
-        summary = classification_summary(probs, targets, manifest["label_names"], True)
-        summary["mean_auroc"] = target_score  # steer the choice
-        results[f"student/{split}"] = summary
+        splits[split] = split_report(manifest, split, {"student": (probs, targets)}, {"student": None},
+                                     {"student": {"model": "rmsnet_xxs", "checkpoint": "-"}}, reps=20)
+        splits[split]["models"]["student"]["mean_auroc"] = target_score  # steer the choice
     d.mkdir(parents=True, exist_ok=True)
-    (d / "metrics.json").write_text(json.dumps(results))
+    doc = metrics_document("launcher/distill.py", manifest, cxr_shards, 1, 1, "val", splits)
+    (d / "metrics.json").write_text(json.dumps(doc))
 
 
 def test_choice_is_made_on_validation_never_on_test(tmp_path, cxr_shards, random_teacher):
@@ -181,8 +184,8 @@ def test_sweep_runs_each_run_once_resumes_an_interrupted_one_and_reports(tmp_pat
     assert "resuming from main-" in (out / "logs" / "run000.log").read_text()
     doc = json.loads((out / "sweep_results.json").read_text())
     # the choice is the better validation score, read from the runs' own files
-    vals = {r["hparams"]["train.lr"]: json.loads((out / r["run_dirs"]["0"] / "metrics.json").read_text())
-            ["student/val"]["mean_auroc"] for r in doc["rows"]}
+    vals = {r["hparams"]["train.lr"]: model_result(read_metrics(out / r["run_dirs"]["0"] / "metrics.json"),
+                                                   "student", "val")["mean_auroc"] for r in doc["rows"]}
     assert doc["chosen"]["alone"]["hparams"]["train.lr"] == max(vals, key=vals.get)
     assert "**chosen**" in (out / "sweep.md").read_text() and (out / "sweep.png").is_file()
     # 3. and again: every run is finished, nothing is launched

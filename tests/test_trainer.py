@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from data_pipeline.loader import build_loader
-from data_pipeline.loader_common import batches_per_epoch, read_manifest
+from data_pipeline.loader_common import batches_per_epoch
+from data_pipeline.manifest import read_manifest
 from launcher.checkpoints import Position
 from launcher.config import load_config
 from launcher.monitor import NullMonitor

@@ -12,8 +12,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from data_pipeline.adapters import (DatasetIndex, Record, carve_validation, check_patient_disjoint,
-                                    sample_key)
+from data_pipeline.adapters.common import (DatasetIndex, Record, carve_validation,
+                                           check_patient_disjoint, sample_key)
 from data_pipeline.labels import CXR14_FINDINGS, CXR14_NO_FINDING
 
 LABEL_FILES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")

@@ -30,8 +30,8 @@ from __future__ import annotations
 import csv as _csv
 from pathlib import Path
 
-from data_pipeline.adapters import (DatasetIndex, Record, carve_validation, check_patient_disjoint,
-                                    sample_key)
+from data_pipeline.adapters.common import (DatasetIndex, Record, carve_validation,
+                                           check_patient_disjoint, sample_key)
 
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 BINARY = {"0": 0, "1": 1, "0.0": 0, "1.0": 1}

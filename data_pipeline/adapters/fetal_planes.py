@@ -11,8 +11,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from data_pipeline.adapters import (DatasetIndex, Record, carve_validation, check_patient_disjoint,
-                                    sample_key)
+from data_pipeline.adapters.common import (DatasetIndex, Record, carve_validation,
+                                           check_patient_disjoint, sample_key)
 from data_pipeline.labels import FETAL_PLANES
 
 LABEL_FILE = "FETAL_PLANES_DB_data.csv"

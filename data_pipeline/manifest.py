@@ -1,0 +1,56 @@
+"""The shard directory's manifest: its file name, reading, atomic writing and assembly.
+
+`manifest.json` is written last by a build (single-process, or the merge of a sliced one) and marks
+the build complete: every loader, the verifier, the evaluator and the exporter read it. Stdlib only,
+so that anything (a rank process, the terminal's predict) may import it cheaply.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+SYNTHETIC_MARKER = "SYNTHETIC.json"  # in a dataset root; copied into the manifest as `synthetic`
+
+
+def read_manifest(shard_dir) -> dict:
+    path = Path(shard_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no shard manifest (build shards with "
+                                f"`python -m data_pipeline.build_shards`)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: corrupt manifest ({e})") from None
+
+
+def make_manifest(head: dict, splits: dict, summary: dict, rejected: list[dict]) -> dict:
+    """The manifest from its head (see build_plan.manifest_head) and what the build produced."""
+    manifest = {k: v for k, v in head.items() if k != "dataset_options"}
+    manifest.update(splits=splits, summary=summary, rejected=rejected)
+    if "dataset_options" in head:
+        manifest["dataset_options"] = head["dataset_options"]
+    return manifest
+
+
+def write_manifest(out: Path, manifest: dict) -> None:
+    """Atomically: a reader sees the previous manifest or this one, never a part."""
+    tmp = out / (MANIFEST + ".part")
+    with open(tmp, "w") as fh:
+        fh.write(json.dumps(manifest, indent=1))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, out / MANIFEST)
+
+
+def synthetic_marker(root: Path) -> dict | None:
+    """The SYNTHETIC.json that data_pipeline.synthetic leaves in a dataset root, else None."""
+    path = root / SYNTHETIC_MARKER
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        doc = None
+    return doc if isinstance(doc, dict) else {"marker": SYNTHETIC_MARKER}
