@@ -5,6 +5,8 @@
     python launcher/export.py --checkpoint runs/student/final/model.pt --out DIR --image-size 224 \
         --teacher teacher.pt --teacher-name densenet121 --threads 1,2
     python launcher/export.py --checkpoint runs/student --out DIR --metrics elsewhere/metrics.json
+    python launcher/export.py --checkpoint runs/student --out DIR --shards shards/cxr --int8 \
+        [--int8-tolerance 0.01] [--int8-calibration 256]
 
 --checkpoint takes what launcher/evaluate.py takes (run directory, model.pt, DeepSpeed checkpoint).
 Writes under --out:
@@ -16,7 +18,7 @@ Writes under --out:
                       evaluate.py), the task type, how to turn logits into decisions, and
                       `preprocess`: how a raw image becomes the input, from the training shards'
                       manifest.json (the shard builder's size, fit, format and DICOM window, then
-                      the resize to S), which launcher/predict.py follows (launcher/onnx_model.py).
+                      the resize to S), which launcher/predict.py follows (launcher/onnx_meta.py).
     student.json      the same metadata as a JSON sidecar, with the ONNX-vs-PyTorch check
     MODEL_CARD.md     training data, labels, thresholds and how they were chosen, test AUROC with
                       intervals (launcher/model_card.py), intended use and limits, input
@@ -26,7 +28,18 @@ Writes under --out:
                       and throughput (batch 32) in PyTorch and ONNX Runtime at each --threads count
                       (torch.set_num_threads and ORT intra_op_num_threads set to the same number;
                       medians of repeated runs, student and teacher timed alternately so that both
-                      see the same machine load), and the teacher/student ratios.
+                      see the same machine load), and the teacher/student ratios; with --int8, an
+                      `int8` section: the INT8 model against fp32 (below)
+    student.int8.onnx with --int8: statically quantized by ONNX Runtime (QDQ, per-channel int8
+                      weights, uint8 activations; what stays in float and why: launcher/int8.py),
+                      calibrated on up to --int8-calibration images of the validation split as the
+                      evaluation loader reads them. Both files are then scored with ONNX Runtime on
+                      the test split (mean and per-class AUROC) and timed side by side; the file
+                      carries student.onnx's metadata_props plus a `quantization` record (its
+                      measured AUROC drop among them), so launcher/predict.py runs it unchanged.
+                      When the test mean AUROC drops by more than --int8-tolerance (default 0.01),
+                      it is not written (it is made as student.int8.onnx.part and renamed only when
+                      it passes) and the exit status is 1; the fp32 export stays.
 
 The training shards are the run config's data.shards when their manifest.json is there, else
 --shards. The card's test figures come from --metrics (an evaluate.py metrics.json), else the
@@ -45,9 +58,7 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -61,13 +72,13 @@ from launcher.metrics_doc import model_result, read_metrics
 from launcher.model_card import model_card
 from launcher.model_loading import (REPO, THRESHOLDS, CheckpointError, LoadedModel, load_model, load_teacher,
                                     read_thresholds, resolve_teacher)
-from launcher.onnx_model import preprocessing, sha256  # noqa: F401 (sha256: export.sha256 stays)
+from launcher.int8 import INT8_CALIBRATION, INT8_FILE, INT8_TOLERANCE, int8_export, int8_inputs, int8_markdown, \
+    int8_refusal
+from launcher.onnx_meta import preprocessing, sha256  # noqa: F401 (sha256: export.sha256 stays)
+from launcher.ort_timing import LATENCY, THROUGHPUT, THROUGHPUT_BATCH, median_times, ort_session
 from rmsnet.summary import count_macs
 from rmsnet.teachers import TappedModel
 
-THROUGHPUT_BATCH = 32
-LATENCY = "latency_ms_batch1"
-THROUGHPUT = f"throughput_ips_batch{THROUGHPUT_BATCH}"
 
 
 class LogitsGraph(nn.Module):
@@ -101,16 +112,6 @@ def export_onnx(tapped: TappedModel, path: Path, image_size: int, metadata: dict
     model.producer_name = "rms-distill launcher/export.py"
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
-
-
-def ort_session(path: Path, threads: int):
-    import onnxruntime as ort
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
 @torch.inference_mode()
@@ -154,19 +155,6 @@ def check(tapped: TappedModel, path: Path, image_size: int, tolerance: float,
 
 
 # --------------------------------------------------------------------------------------- timing
-def _median_times(fns: dict, repeats: int, warmup: int = 2) -> dict:
-    """Median wall time of each callable; the callables take turns, so they share the load."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
-
 
 def benchmark(models: dict, image_size: int, threads: list[int], repeats: int,
               throughput_repeats: int) -> dict:
@@ -194,7 +182,7 @@ def benchmark(models: dict, image_size: int, threads: list[int], repeats: int,
 
                 for runtime, fns in (("pytorch", {m: torch_fn(t) for m, (t, _) in models.items()}),
                                      ("onnxruntime", {m: ort_fn(s) for m, s in sessions.items()})):
-                    for m, sec in _median_times(fns, reps).items():
+                    for m, sec in median_times(fns, reps).items():
                         result[m][key][runtime][str(n)] = 1000 * sec if batch == 1 else batch / sec
     finally:
         torch.set_num_threads(saved_threads)
@@ -412,6 +400,14 @@ def parse_args(argv=None):
     p.add_argument("--metrics", default=None,
                    help="launcher/evaluate.py metrics.json for the model card (default: the run's eval/)")
     p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--int8", action="store_true",
+                   help=f"also write {INT8_FILE}: ONNX Runtime static INT8 quantization calibrated on the "
+                        f"validation split, kept only when its test mean AUROC is within --int8-tolerance")
+    p.add_argument("--int8-tolerance", type=float, default=None,
+                   help=f"largest accepted drop of the test mean AUROC, fp32 - int8 "
+                        f"(default {INT8_TOLERANCE})")
+    p.add_argument("--int8-calibration", type=int, default=None,
+                   help=f"validation images to calibrate on (default {INT8_CALIBRATION}; all when fewer)")
     return p.parse_args(argv)
 
 
@@ -427,6 +423,7 @@ def main(argv=None) -> int:
         shards, train_manifest = training_shards(loaded, args.shards)
         test_split = loaded.config.data.test_split if loaded.config else "test"
         evaluation, looked_for = find_evaluation(loaded, args.metrics, test_split)
+        int8_data = int8_inputs(args, loaded, manifest, shards, train_manifest)
         spec = None if args.no_teacher else resolve_teacher(loaded, args.teacher, args.teacher_name)
         teacher = load_teacher(spec, loaded.meta["num_classes"]) if spec else None
     except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
@@ -473,24 +470,38 @@ def main(argv=None) -> int:
 
     for role, times in benchmark(timed, size, threads, args.repeats, args.throughput_repeats).items():
         models[role].update(times)
+    if int8_data is None and (out / INT8_FILE).exists():  # it was made from other weights
+        (out / INT8_FILE).unlink()
+        print(f"note: removed {out / INT8_FILE} of an earlier export (no --int8 this time)", file=sys.stderr)
+    int8 = int8_export(out, out / "student.onnx", int8_data, size, meta, args, threads) if int8_data else None
     report = {"image_size": size, "input": f"(batch, 1, {size}, {size}) float32 in [0, 1]",
               "threads": threads, "repeats": args.repeats, "throughput_repeats": args.throughput_repeats,
               "statistic": "median", "tolerance": args.tolerance, "host": host_info(), "models": models,
               "thresholds": "included" if thresholds else "missing (run launcher/evaluate.py first)"}
     if "teacher" in models:
         report["savings"] = savings(models["student"], models["teacher"])
+    if int8 is not None:
+        report["int8"] = int8
     (out / "deploy_report.json").write_text(json.dumps(report, indent=1))
     table = markdown(report)
+    if int8 is not None:
+        table += f"\n\n## INT8 against fp32\n\n{int8_markdown(int8, threads)}"
     (out / "deploy_report.md").write_text(f"# Deployment report: {meta['arch']}\n\n{table}\n")
     print(table)
     card = model_card(infos["student"], train_manifest, str(shards) if shards else None, evaluation,
-                      models["student"]["params"], looked_for)
+                      models["student"]["params"], looked_for, int8 if int8 and int8["passed"] else None)
     (out / "MODEL_CARD.md").write_text(card)
     print(f"model card: {out / 'MODEL_CARD.md'}"
           + ("" if evaluation else " (no evaluation of these weights found: no test figures)"))
+    if int8 is not None and int8["passed"]:
+        print(f"int8: {out / INT8_FILE} ({int8['bytes'] / 1e6:.2f} MB), mean AUROC drop "
+              f"{int8['evaluation']['mean_auroc_drop']:+.4f} (tolerance {int8['tolerance']:g})")
     ok = all(m["check"]["passed"] for m in models.values())
     if not ok:
         print(f"error: ONNX output differs from PyTorch by more than {args.tolerance:g}", file=sys.stderr)
+    if int8 is not None and not int8["passed"]:
+        print(f"error: {int8_refusal(int8)}", file=sys.stderr)
+        ok = False
     return 0 if ok else 1
 
 

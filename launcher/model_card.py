@@ -9,7 +9,7 @@ records; what they do not hold is said to be unknown. No torch: the card is text
 """
 from __future__ import annotations
 
-from launcher.onnx_model import DEFAULT_THRESHOLD
+from launcher.onnx_meta import DEFAULT_THRESHOLD
 
 FIT_WORDS = {"pad": "aspect ratio kept, black borders", "crop": "centre square cropped",
              "stretch": "aspect ratio ignored"}
@@ -162,11 +162,40 @@ def performance(evaluation: dict | None, names: list[str], looked_for: str) -> l
     return lines + _table(["label", "AUROC", interval, "sensitivity", "specificity"], rows) + [""]
 
 
+def int8_model(int8: dict | None, names: list[str]) -> list[str]:
+    """The INT8 export beside the fp32 one (launcher/export.py `--int8`): how it was made and its
+    test AUROC next to the fp32 model's; nothing when no INT8 model was made."""
+    if not int8:
+        return []
+    q, cal, ev = int8["quantization"], int8["calibration"], int8["evaluation"]
+    fp, i8 = ev["fp32"], ev["int8"]
+    worst = ev["largest_class_drop"]
+    lines = ["## INT8 model", "",
+             f"- File: `{int8['file']}`, sha256 `{int8['sha256']}`, {int8['bytes'] / 1e6:.2f} MB "
+             f"({int8['fp32_bytes'] / 1e6:.2f} MB in fp32): statically quantized by ONNX Runtime "
+             f"({q['format']}; weights {q['weights']}, activations {q['activations']}), calibrated "
+             f"({q['calibration_method']}) on {cal['images']} images of the '{cal['split']}' split.",
+             f"- Kept in floating point: {q['float_kept']} ({q['float_nodes']} nodes).",
+             "- Same input, output, thresholds and preprocessing as the fp32 model (its metadata are copied "
+             "into the file), so `launcher/predict.py --model` runs it unchanged. The thresholds were "
+             "chosen on the fp32 model's validation probabilities.",
+             f"- Test AUROC of both files in ONNX Runtime on the '{ev['split']}' split ({ev['samples']} "
+             f"images): macro mean {_fmt(fp['mean_auroc'], '.4f')} (fp32) and "
+             f"{_fmt(i8['mean_auroc'], '.4f')} (int8), a drop of {ev['mean_auroc_drop']:+.4f} (accepted up "
+             f"to {int8['tolerance']:g}); largest per-class drop {worst['label']} {worst['drop']:+.4f}.", ""]
+    rows = [[n, _fmt(fp["auroc"].get(n), ".4f"), _fmt(i8["auroc"].get(n), ".4f"),
+             _fmt(ev["per_class_drop"].get(n), "+.4f")] for n in names]
+    rows.append(["**macro mean**", *(f"**{_fmt(v, f)}**" for v, f in ((fp["mean_auroc"], ".4f"),
+                 (i8["mean_auroc"], ".4f"), (ev["mean_auroc_drop"], "+.4f")))])
+    return lines + _table(["label", "fp32 AUROC", "int8 AUROC", "drop (fp32 - int8)"], rows) + [""]
+
+
 def model_card(info: dict, manifest: dict | None, shards: str | None, evaluation: dict | None,
-               params: int | None, looked_for: str = "") -> str:
-    """The card's markdown. `evaluation`: {"kind": "evaluate" | "run", "path", "doc", "split"}."""
+               params: int | None, looked_for: str = "", int8: dict | None = None) -> str:
+    """The card's markdown. `evaluation`: {"kind": "evaluate" | "run", "path", "doc", "split"};
+    `int8`: the `int8` section of export.py's deployment report, when an INT8 model was made."""
     parts = [header(info, params), intended_use(manifest, bool(info.get("thresholds"))),
              training_data(manifest, shards),
              labels(info, manifest), input_requirements(info), thresholds(info),
-             performance(evaluation, info["label_names"], looked_for)]
+             performance(evaluation, info["label_names"], looked_for), int8_model(int8, info["label_names"])]
     return "\n".join(line for part in parts for line in part).rstrip() + "\n"

@@ -28,6 +28,12 @@ the predicted class of a single-label model, and the model's fingerprint (sha256
 file). `--out X.csv` writes CSV, `--out X.json` JSON with the model's description once at the top;
 without --out, CSV goes to stdout. The file is written to X.part and renamed when complete.
 
+--heatmaps DIR also writes, per image and per finding positive at those thresholds, a PNG of the
+image with the student's Grad-CAM map over it (launcher/heatmaps.py: computed in PyTorch from the
+export's PyTorch weights, after checking they give the ONNX probabilities); each row lists its
+files (`heatmaps`). Only then is torch imported; without torch or the weights, one warning, and
+the predictions are made as without the option.
+
 A file that cannot be read gets a row with status `error` and the reason, and the others go on.
 Exit status: 0 when every input was predicted, 1 when any failed, 2 for usage errors (a --model
 that is not an export, no inputs, a bad option).
@@ -42,6 +48,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -51,7 +58,11 @@ if str(REPO) not in sys.path:  # `python launcher/predict.py` from a checkout
 
 from data_pipeline.image_io import (BadImage, MissingDependency, as_stored, dicom_identifiers,  # noqa: E402
                                     fit_square, is_dicom, load_gray8, parse_window)
-from launcher.onnx_model import decision_thresholds, decode_metadata, sha256, thresholds_source  # noqa: E402
+from launcher.onnx_meta import (decision_thresholds, decode_metadata, probabilities, sha256,  # noqa: E402
+                                thresholds_source)
+
+if TYPE_CHECKING:  # imported (with torch) only for --heatmaps
+    from launcher.heatmaps import Heatmaps
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"}
 OUTPUT_SUFFIXES = (".csv", ".json")
@@ -230,16 +241,8 @@ def resize_like_loader(pixels: np.ndarray, size: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------- prediction
-def probabilities(logits: np.ndarray, multilabel: bool) -> np.ndarray:
-    """Sigmoid per class (multi-label) or softmax over the classes, in float64."""
-    x = logits.astype(np.float64)
-    if multilabel:
-        return 1.0 / (1.0 + np.exp(-x))
-    e = np.exp(x - x.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def result_row(model: ExportedModel, path: Path, probs: np.ndarray | None, error: str | None) -> dict:
+def result_row(model: ExportedModel, path: Path, probs: np.ndarray | None, error: str | None,
+               heatmaps: list[str] | None = None) -> dict:
     """What the output says about one input (probs None: it could not be read, `error` says why)."""
     ids = dicom_identifiers(path)
     row = {"path": str(path), "status": "error" if error else "ok", "error": error or "",
@@ -252,6 +255,8 @@ def result_row(model: ExportedModel, path: Path, probs: np.ndarray | None, error
         row["positive"] = {n: bool(p >= t) for n, p, t in zip(names, probs, model.thresholds)}
         row["predicted"] = "" if model.multilabel else names[int(np.argmax(probs))]
     row["model_sha256"] = model.sha256
+    if heatmaps is not None:
+        row["heatmaps"] = heatmaps
     return row
 
 
@@ -272,8 +277,9 @@ class Progress:
 
 
 def predict(model: ExportedModel, paths: list[Path], batch_size: int,
-            window: tuple[float, float] | None) -> list[dict]:
-    """One row per path, in order; unreadable files get their reason and the others go on."""
+            window: tuple[float, float] | None, heatmaps: Heatmaps | None = None) -> list[dict]:
+    """One row per path, in order; unreadable files get their reason and the others go on.
+    `heatmaps`: a launcher/heatmaps.py writer, given every batch; the rows then list its files."""
     rows: list[dict | None] = [None] * len(paths)
     batch: list[tuple[int, np.ndarray]] = []
     progress, done, failed = Progress(len(paths)), 0, 0
@@ -283,8 +289,10 @@ def predict(model: ExportedModel, paths: list[Path], batch_size: int,
         nonlocal done
         x = np.stack([a for _, a in batch])[:, None]  # (b, 1, S, S)
         probs = probabilities(model.session.run(None, {input_name: x})[0], model.multilabel)
-        for (i, _), p in zip(batch, probs):
-            rows[i] = result_row(model, paths[i], p, None)
+        maps = [None] * len(batch) if heatmaps is None else \
+            heatmaps.write([i for i, _ in batch], [paths[i] for i, _ in batch], x, probs)
+        for (i, _), p, m in zip(batch, probs, maps):
+            rows[i] = result_row(model, paths[i], p, None, m)
         done += len(batch)
         batch.clear()
         progress.update(done, failed)
@@ -295,7 +303,7 @@ def predict(model: ExportedModel, paths: list[Path], batch_size: int,
         except (BadImage, MissingDependency, OSError, ValueError) as e:
             reason = f"{path}: {e}"
             print(f"\nerror: {reason}" if progress.tty else f"error: {reason}", file=sys.stderr)
-            rows[i] = result_row(model, path, None, reason)
+            rows[i] = result_row(model, path, None, reason, None if heatmaps is None else [])
             failed += 1
             done += 1
         if len(batch) == batch_size:
@@ -310,11 +318,14 @@ def predict(model: ExportedModel, paths: list[Path], batch_size: int,
 
 # ------------------------------------------------------------------------------------- output
 def csv_text(model: ExportedModel, rows: list[dict]) -> str:
+    """The rows as CSV; with --heatmaps a last column `heatmaps` joins each row's files with '|'."""
     names = model.label_names
     head = ["path", "status", "error", "sop_instance_uid", "patient_id"]
     head += [f"prob:{n}" for n in names] + [f"positive:{n}" for n in names] + ["positives"]
     head += ([] if model.multilabel else ["predicted"]) + [f"threshold:{n}" for n in names]
     head += ["thresholds", "model_sha256"]
+    with_maps = bool(rows) and "heatmaps" in rows[0]
+    head += ["heatmaps"] if with_maps else []
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(head)
@@ -326,15 +337,16 @@ def csv_text(model: ExportedModel, rows: list[dict]) -> str:
         cells.append("|".join(n for n in names if ok and r["positive"][n]))
         cells += [] if model.multilabel else [r["predicted"]]
         cells += [repr(t) for t in model.thresholds] + [model.thresholds_source, r["model_sha256"]]
+        cells += ["|".join(r["heatmaps"])] if with_maps else []
         writer.writerow(cells)
     return buf.getvalue()
 
 
-def json_text(model: ExportedModel, rows: list[dict]) -> str:
+def json_text(model: ExportedModel, rows: list[dict], heatmaps: dict | None = None) -> str:
     failed = sum(r["status"] != "ok" for r in rows)
     doc = {"model": model.describe(),
            "summary": {"inputs": len(rows), "predicted": len(rows) - failed, "failed": failed},
-           "results": rows}
+           **({"heatmaps": heatmaps} if heatmaps is not None else {}), "results": rows}
     return json.dumps(doc, indent=1) + "\n"
 
 
@@ -368,6 +380,12 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=_positive, default=32, help="images per ONNX Runtime call")
     p.add_argument("--dicom-window", type=_window, metavar="CENTER,WIDTH", default=None,
                    help="DICOM window for every file, instead of the shards' and each file's own")
+    p.add_argument("--heatmaps", metavar="DIR", default=None,
+                   help="write a Grad-CAM overlay PNG per image and positive finding into DIR "
+                        "(needs torch and the export's PyTorch weights)")
+    p.add_argument("--heatmap-weights", metavar="CKPT", default=None,
+                   help="the PyTorch checkpoint the export was made from, for --heatmaps (default: the "
+                        "one its metadata records, or a model.pt beside the ONNX file)")
     return p.parse_args(argv)
 
 
@@ -378,6 +396,8 @@ def main(argv=None) -> int:
             raise UsageError(f"--out {args.out}: the name must end in .csv or .json")
         if not args.inputs:
             raise UsageError("no INPUT given: name image files or folders")
+        if args.heatmap_weights is not None and args.heatmaps is None:
+            raise UsageError("--heatmap-weights is only used with --heatmaps DIR")
         model = load_exported(Path(args.model))
         paths, skipped = find_inputs(args.inputs)
         if not paths:
@@ -396,14 +416,23 @@ def main(argv=None) -> int:
     window = args.dicom_window or (tuple(stored) if stored else None)
     print(f"model {model.path} (sha256 {model.sha256[:12]}...), {len(paths)} inputs; thresholds: "
           f"{model.thresholds_source}", file=sys.stderr)
-    rows = predict(model, paths, args.batch_size, window)
+    heatmaps = None
+    if args.heatmaps is not None:
+        from launcher.heatmaps import open_heatmaps  # torch is imported from here on, not before
+        heatmaps = open_heatmaps(model, Path(args.heatmaps), args.heatmap_weights, window)
+    rows = predict(model, paths, args.batch_size, window, heatmaps)
     out = Path(args.out) if args.out else None
-    text = json_text(model, rows) if out and out.suffix.lower() == ".json" else csv_text(model, rows)
+    if out and out.suffix.lower() == ".json":
+        text = json_text(model, rows, heatmaps.describe() if heatmaps is not None else None)
+    else:
+        text = csv_text(model, rows)
     if out is None:
         sys.stdout.write(text)
     else:
         write_atomic(out, text)
         print(f"wrote {out}", file=sys.stderr)
+    if heatmaps is not None and (heatmaps.enabled or heatmaps.written):
+        print(f"wrote {heatmaps.written} heatmaps to {heatmaps.out_dir}", file=sys.stderr)
     failed = sum(r["status"] != "ok" for r in rows)
     if failed:
         print(f"{failed} of {len(rows)} inputs could not be predicted (status 'error' in the output)",

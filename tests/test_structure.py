@@ -116,3 +116,13 @@ def test_every_document_a_file_names_is_in_the_repository():
         for ref in re.findall(r"\b(?:DESIGN|STYLE)\.md\b", text):
             missing.append(f"{path.relative_to(ROOT)}: {ref}")
     assert not missing, "names a document the repository does not hold: " + ", ".join(missing)
+
+
+def test_no_launcher_module_shadows_a_module_onnxruntime_quantization_imports_by_bare_name():
+    """onnxruntime.quantization appends onnxruntime/transformers to sys.path and imports its modules
+    by bare name (`onnx_model`, ...); run as a script, launcher/ is sys.path[0] and would win."""
+    ort = pytest.importorskip("onnxruntime")
+    bare = {p.stem for p in (Path(ort.__file__).parent / "transformers").glob("*.py")}
+    assert len(bare) > 10  # the folder is where this test expects it
+    ours = {p.stem for p in (ROOT / "launcher").glob("*.py")} - {"__init__"}
+    assert not ours & bare, f"launcher/ modules named like onnxruntime/transformers ones: {sorted(ours & bare)}"

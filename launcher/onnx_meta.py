@@ -4,7 +4,7 @@
 beside it); `launcher/predict.py` reads them back on a terminal that has ONNX Runtime, numpy and
 Pillow only. Kept here, free of torch, so both sides share one definition: the file fingerprint,
 which metadata values are JSON, the input preprocessing taken from the shards' manifest.json, and
-the wording of where the decision thresholds came from.
+the wording of where the decision thresholds came from, and logits to probabilities.
 """
 from __future__ import annotations
 
@@ -12,12 +12,23 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
+
 from data_pipeline.manifest import MANIFEST
 
 DEFAULT_THRESHOLD = 0.5
 # metadata_props values that export.py writes as JSON; the others are plain strings, or "null"
 JSON_KEYS = ("label_names", "multilabel", "input", "output", "thresholds", "thresholds_chosen_on",
-             "trained_image_size", "preprocess", "training_data")
+             "trained_image_size", "preprocess", "training_data", "quantization")
+
+
+def probabilities(logits: np.ndarray, multilabel: bool) -> np.ndarray:
+    """Sigmoid per class (multi-label) or softmax over the classes, in float64."""
+    x = logits.astype(np.float64)
+    if multilabel:
+        return 1.0 / (1.0 + np.exp(-x))
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
 
 
 def sha256(path: Path) -> str:
