@@ -119,11 +119,15 @@ def test_deploy_report_has_every_field_for_student_teacher_and_the_savings(expor
 def test_export_without_thresholds_warns_and_without_teacher_has_no_savings(model_dir, tmp_path, capsys):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "model.pt").write_bytes((model_dir / "model.pt").read_bytes())
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / export.INT8_FILE).write_bytes(b"an earlier export's INT8 model")
     rc = export.main(["--checkpoint", str(tmp_path / "m"), "--out", str(tmp_path / "out"), "--no-teacher",
                       "--threads", "1", "--repeats", "1", "--throughput-repeats", "1"])
     assert rc == 0
     err = capsys.readouterr().err
     assert "thresholds.json" in err and "exported without thresholds" in err
+    # an INT8 file left by an earlier export belongs to other weights: an export without --int8 removes it
+    assert not (tmp_path / "out" / export.INT8_FILE).exists() and "no --int8 this time" in err
     props = {p.key: p.value for p in onnx.load(str(tmp_path / "out" / "student.onnx")).metadata_props}
     assert json.loads(props["thresholds"]) is None
     report = json.loads((tmp_path / "out" / "deploy_report.json").read_text())
