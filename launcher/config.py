@@ -9,6 +9,7 @@ directory.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -205,6 +206,10 @@ class TrainConfig:
         for k in ("epochs", "batch_size_per_gpu", "gradient_accumulation_steps", "log_every"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"train.{k} must be >= 1")
+        if self.batch_size_per_gpu < 2:
+            raise ConfigError("train.batch_size_per_gpu must be >= 2: BatchNorm cannot train on one sample "
+                              "per rank (every training batch is full: the loaders pad the last one); for a "
+                              "small memory budget raise train.gradient_accumulation_steps instead")
         if not self.lr > 0:  # NaN fails too
             raise ConfigError("train.lr must be > 0")
         for k in ("weight_decay", "grad_clip", "min_lr_ratio", "momentum"):
@@ -298,11 +303,13 @@ def _convert(tp, value, key: str):
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads `5e-3` (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # .nan, .inf in YAML; nan, inf in --set
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -341,14 +348,35 @@ def apply_override(data: dict, assignment: str) -> None:
     node[parts[-1]] = _Override(raw)
 
 
+def refuse_duplicate_keys(node, path: Path, prefix: str = "") -> None:
+    """A key written twice in one mapping is an error naming it and both lines: YAML readers keep
+    the last one, which silently drops everything the first block set."""
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            refuse_duplicate_keys(item, path, f"{prefix}[{i}]")
+    if not isinstance(node, yaml.MappingNode):
+        return
+    seen: dict = {}
+    for key, value in node.value:
+        name = key.value if isinstance(key, yaml.ScalarNode) else str(key.value)
+        full = f"{prefix}.{name}" if prefix else name
+        if name in seen:
+            raise ConfigError(f"{path}: key {full} appears twice, on lines {seen[name] + 1} and "
+                              f"{key.start_mark.line + 1} (YAML would keep only the second); merge them")
+        seen[name] = key.start_mark.line
+        refuse_duplicate_keys(value, path, full)
+
+
 def load_config(path=None, overrides=()) -> Config:
     data: dict = {}
     if path is not None:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {p} not found")
+        text = p.read_text()
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            refuse_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader), p)
+            data = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML ({e})") from None
         if not isinstance(data, dict):

@@ -215,3 +215,46 @@ def test_deepspeed_sgd_optimizer_carries_momentum():
     cfg = load_config(DISTILL, ["train.optimizer=sgd", "train.momentum=0.8"])
     opt = deepspeed_config(cfg, world_size=4, total_steps=50, precision="fp32")["optimizer"]
     assert opt["type"] == "SGD" and opt["params"]["momentum"] == 0.8
+
+
+# ------------------------------------------------------------------ values that cannot train
+@pytest.mark.parametrize("assignment, key", [
+    ("loss.focal_gamma=nan", "loss.focal_gamma"), ("train.lr=inf", "train.lr"),
+    ("train.weight_decay=-inf", "train.weight_decay"), ("loss.focal_alpha=.nan", "loss.focal_alpha"),
+    ("data.augment.crop_scale=[0.5, .inf]", "data.augment.crop_scale[1]")])
+def test_a_non_finite_number_in_any_float_field_is_refused_naming_the_key(assignment, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(DISTILL, [assignment])
+    assert str(e.value).startswith(f"{key}: must be a finite number")
+
+
+def test_a_non_finite_number_in_the_yaml_file_is_refused_too(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("loss:\n  temperature: .inf\n")
+    with pytest.raises(ConfigError, match=r"^loss\.temperature: must be a finite number, got inf$"):
+        load_config(cfg)
+
+
+def test_a_per_rank_batch_of_one_is_refused_before_anything_starts():
+    with pytest.raises(ConfigError, match=r"train\.batch_size_per_gpu must be >= 2: BatchNorm"):
+        load_config(DISTILL, ["train.batch_size_per_gpu=1"])
+
+
+def test_a_key_written_twice_names_the_key_and_both_lines(tmp_path):
+    cfg = tmp_path / "twice.yaml"
+    cfg.write_text("run:\n  name: a\ntrain:\n  lr: 1.0e-3\n  epochs: 3\ndata:\n  image_size: 64\n"
+                   "train:\n  epochs: 5\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg)
+    assert str(e.value) == (f"{cfg}: key train appears twice, on lines 3 and 8 (YAML would keep only the "
+                            f"second); merge them")
+
+
+def test_a_nested_or_stage_key_written_twice_is_refused_with_its_path(tmp_path):
+    cfg = tmp_path / "nested.yaml"
+    cfg.write_text("train:\n  lr: 1.0e-3\n  lr: 2.0e-3\n")
+    with pytest.raises(ConfigError, match=r"key train\.lr appears twice, on lines 2 and 3"):
+        load_config(cfg)
+    cfg.write_text("stages:\n  - name: hint\n    epochs: 1\n  - name: kd\n    loss: {kd_weight: 1, kd_weight: 2}\n")
+    with pytest.raises(ConfigError, match=r"key stages\[1\]\.loss\.kd_weight appears twice, on lines 5 and 5"):
+        load_config(cfg)
