@@ -29,6 +29,7 @@ from data_pipeline.manifest import read_manifest
 from launcher.checkpoints import Checkpointer
 from launcher.config import ConfigError, check_world, dump_yaml, load_config
 from launcher.dist import barrier, detect_env, init_distributed, shutdown
+from launcher.model_loading import CheckpointError, check_teacher_file
 from launcher.monitor import Monitor, NullMonitor
 from launcher.preemption import EXIT_PREEMPTED, PREEMPTED_MARKER, Preempted, StopRequest
 from launcher.report import final_report
@@ -51,8 +52,10 @@ def check_inputs(cfg) -> dict:
     """Everything a user can get wrong, checked before any process group starts."""
     check_world(cfg, detect_env()["world_size"])
     manifest = read_manifest(cfg.data.shards)
-    if cfg.run.mode == "distill" and not Path(cfg.teacher.checkpoint).is_file():
-        raise FileNotFoundError(f"teacher.checkpoint {cfg.teacher.checkpoint}: file not found")
+    if cfg.run.mode == "distill":
+        if not Path(cfg.teacher.checkpoint).is_file():
+            raise FileNotFoundError(f"teacher.checkpoint {cfg.teacher.checkpoint}: file not found")
+        check_teacher_file(Path(cfg.teacher.checkpoint), manifest["label_names"])
     if cfg.student.pretrained_file and not Path(cfg.student.pretrained_file).is_file():
         raise FileNotFoundError(f"student.pretrained_file {cfg.student.pretrained_file}: file not found")
     return manifest
@@ -118,8 +121,9 @@ def main(argv=None) -> int:
     try:  # config -> inputs checked, before any process group
         cfg = load_config(args.config, args.set)
         manifest = check_inputs(cfg)
-    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError, RuntimeError) as e:
+        if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:  # all ranks find it: say it once
+            print(f"error: {e}", file=sys.stderr)
         return 2
 
     env = init_distributed()

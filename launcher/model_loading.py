@@ -20,7 +20,7 @@ import torch
 from data_pipeline.manifest import read_manifest
 from launcher.config import Config, ConfigError, load_config
 from rmsnet.teachers import (CheckpointMismatchError, TappedModel, create_tapped_model, create_teacher,
-                             read_state_dict)
+                             describe_unreadable, read_state_dict)
 
 REPO = Path(__file__).resolve().parents[1]
 THRESHOLDS = "thresholds.json"
@@ -155,7 +155,7 @@ def load_model(checkpoint, manifest: dict | None = None) -> LoadedModel:
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+            raise CheckpointError(describe_unreadable(path, e)) from None
         run_dir = _find_run_dir(path.parent)
         if isinstance(saved, dict) and isinstance(saved.get("meta"), dict) and "model" in saved:
             state, meta = saved["model"], dict(saved["meta"])
@@ -228,6 +228,21 @@ def resolve_teacher(loaded: LoadedModel, checkpoint=None, name: str | None = Non
     print(f"note: the run's teacher checkpoint {cfg.teacher.checkpoint} was not found: no teacher column",
           file=sys.stderr)
     return None
+
+
+def check_teacher_file(path: Path, label_names: list[str]) -> None:
+    """Before a distillation starts: the teacher file is a readable checkpoint and, when it carries
+    label names (this project's model.pt does), they are the shards' in the same order. A teacher
+    of as many classes in another order would load without complaint and teach wrong labels."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"teacher.checkpoint: {describe_unreadable(path, e)}") from None
+    meta = saved.get("meta") if isinstance(saved, dict) else None
+    names = meta.get("label_names") if isinstance(meta, dict) else None
+    if names is not None and list(names) != list(label_names):
+        raise CheckpointError(f"teacher.checkpoint {path} was trained on the labels {list(names)}, the shards "
+                              f"have {list(label_names)}: the order must be the same")
 
 
 def load_teacher(spec: TeacherSpec, num_classes: int) -> TappedModel:

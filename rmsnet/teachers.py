@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 __all__ = ["TappedModel", "CheckpointMismatchError", "create_tapped_model", "create_teacher",
-           "freeze", "load_checkpoint", "read_state_dict"]
+           "describe_unreadable", "freeze", "load_checkpoint", "read_state_dict"]
 
 GRAY_MEAN, GRAY_STD = (0.5,), (0.25,)  # 1-channel default: maps [0, 1] to [-2, 2]
 _WRAPPER_KEYS = ("model", "state_dict", "module")  # where checkpoints keep the weights
@@ -168,6 +168,38 @@ def freeze(module: nn.Module) -> nn.Module:
     return module
 
 
+def describe_unreadable(path: str | os.PathLike, error: BaseException) -> str:
+    """Why a checkpoint file could not be read, in words a user can act on: what the file is
+    (empty, text, a damaged torch.save archive, ...), its size, and the reader's own error."""
+    path = os.fspath(path)
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as e:
+        return f"cannot read checkpoint {path}: {e.strerror or e}"
+    first = (str(error).strip().splitlines() or [""])[0]  # torch's own messages run to many lines
+    why = f"{type(error).__name__}: {first[:157] + '...' if len(first) > 160 else first}"
+    if size == 0:
+        what = "an empty file"
+    elif head.startswith(b"PK\x03\x04"):
+        what = f"a torch.save zip archive of {size} bytes that cannot be read: damaged or cut short"
+    elif head[:1] == b"\x80":
+        what = f"a pickle of {size} bytes that torch cannot read (damaged, or not a state dict)"
+    elif len(head) > 8 and head[8:9] == b"{" and path.endswith(".safetensors"):
+        what = f"a safetensors file of {size} bytes that cannot be read: damaged or cut short"
+    else:
+        try:
+            text = head.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+        if text is not None and all(c.isprintable() or c in "\r\n\t" for c in text):
+            what = f"a text file ({size} bytes, starting {text[:32]!r}), not a checkpoint"
+        else:
+            what = f"not a checkpoint: neither a torch.save file nor safetensors ({size} bytes)"
+    return f"checkpoint {path} is {what} ({why})"
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Tensors of a local checkpoint file, unwrapped and with wrapper prefixes stripped."""
     path = os.fspath(path)
@@ -180,7 +212,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt file, pickle with arbitrary objects, ...
-        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+        raise ValueError(describe_unreadable(path, e)) from e
     for key in _WRAPPER_KEYS:
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]

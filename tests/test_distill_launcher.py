@@ -151,6 +151,30 @@ def test_missing_shard_directory_fails_with_one_clear_message(tmp_path, random_t
     assert "Traceback" not in proc.stderr
 
 
+def test_a_teacher_trained_on_the_labels_in_another_order_is_refused_listing_both(cxr_shards, random_teacher,
+                                                                                 tmp_path):
+    names = json.loads((cxr_shards / "manifest.json").read_text())["label_names"]
+    saved = torch.load(random_teacher, weights_only=True)
+    teacher = tmp_path / "reordered.pt"  # same class count, another order
+    torch.save({"model": saved["model"], "meta": {"arch": "resnet18", "label_names": names[::-1]}}, teacher)
+    proc = run(python_cmd(*_tiny(cxr_shards, tmp_path, teacher)), timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    line, = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
+    assert f"teacher.checkpoint {teacher} was trained on the labels {names[::-1]}" in line
+    assert f"the shards have {names}" in line
+    assert not (tmp_path / "student").exists()
+
+
+def test_a_text_file_as_teacher_is_named_and_said_to_be_text_in_one_line_from_one_rank(cxr_shards, tmp_path):
+    teacher = tmp_path / "teacher.pt"
+    teacher.write_text("resnet18 weights are on the shared drive\n")
+    proc = run(deepspeed_cmd(2, *_tiny(cxr_shards, tmp_path, teacher)), timeout=180)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr + proc.stdout
+    lines = [x for x in (proc.stderr + proc.stdout).splitlines() if "error: " in x]
+    assert len(lines) == 1, lines  # both ranks find it; rank 0 says it
+    assert f"checkpoint {teacher} is a text file" in lines[0] and "not a checkpoint" in lines[0]
+
+
 def _rank_pids(marker: str, local_rank: int) -> list[int]:
     """PIDs of distill.py rank processes started with `--local_rank=N` (our temp run dir in the
     command line keeps other tests' processes out)."""

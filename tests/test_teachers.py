@@ -135,6 +135,23 @@ def test_missing_or_unreadable_checkpoint_names_the_path(tmp_path):
         load_checkpoint(create_tapped_model("resnet18", 14), str(junk))
 
 
+def test_an_unreadable_checkpoint_is_described_for_what_it_is(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save({"model": {"w": torch.zeros(1000)}}, good)
+    data = good.read_bytes()
+    cases = {"empty.pt": (b"", "is an empty file"),
+             "notes.pt": (b"teacher: see the shared drive\n", "is a text file (30 bytes, starting 'teacher: see"),
+             "cut.pt": (data[: len(data) // 2], f"is a torch.save zip archive of {len(data) // 2} bytes that "
+                                               f"cannot be read: damaged or cut short"),
+             "noise.pt": (bytes(range(1, 250)) * 2, "is not a checkpoint: neither a torch.save file nor safetensors")}
+    for name, (content, said) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError) as e:
+            load_checkpoint(create_tapped_model("resnet18", 14), str(tmp_path / name))
+        assert str(e.value).startswith(f"checkpoint {tmp_path / name} {said}"), str(e.value)
+        assert "\n" not in str(e.value)
+
+
 def test_hub_download_and_unknown_names_are_refused_with_clear_errors():
     with pytest.raises(ValueError, match="checkpoint"):
         create_tapped_model("resnet18", 14, pretrained=True)
