@@ -4,7 +4,10 @@ predict.py runs the ONNX file; the gradients come from the PyTorch model the exp
 (the checkpoint recorded in the ONNX metadata as `source_checkpoint`, a `model.pt` beside the
 ONNX file, or --heatmap-weights), loaded by `launcher/model_loading.py`. Its probabilities on the
 same inputs must equal ONNX Runtime's within PROB_TOLERANCE before anything is drawn; otherwise the
-weights are not the export's and no heatmaps are written. Every problem (no torch, no weights,
+weights are not the export's and no heatmaps are written. For an INT8 export (export.py --int8)
+the weights are those of the fp32 file it was quantized from: that file, beside it and with the
+fingerprint the INT8 file records, is run too and the check is made against it (the INT8 model's
+own probabilities differ from the fp32 ones by design). Every problem (no torch, no weights,
 other weights, an architecture without a convolutional feature map) is one warning line, and
 prediction goes on without heatmaps.
 
@@ -36,7 +39,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from data_pipeline.image_io import BadImage, load_gray8
-from launcher.onnx_meta import probabilities
+from launcher.onnx_meta import probabilities, sha256
 
 if TYPE_CHECKING:  # torch is imported only when heatmaps are asked for
     import torch
@@ -69,6 +72,22 @@ def weight_candidates(meta: dict, onnx_path: Path) -> list[Path]:
         path = Path(re.sub(r" \([^()]*\)$", "", str(source)))  # a DeepSpeed source says how it was read
         found += [path] if path.is_absolute() else [Path.cwd() / path, REPO / path]
     return found
+
+
+def fp32_reference(meta: dict, onnx_path: Path):
+    """For an INT8 export, an ONNX Runtime session of the fp32 file it was quantized from (found
+    beside it, its sha256 the one the INT8 file records); None for an fp32 export."""
+    q = meta.get("quantization")
+    if not q:
+        return None
+    source = onnx_path.parent / str(q.get("from", ""))
+    if not source.is_file() or sha256(source) != q.get("from_sha256"):
+        state = "is missing" if not source.is_file() else "is not the file it was quantized from (sha256 differs)"
+        raise HeatmapsUnavailable(f"{onnx_path} is an INT8 model; its heatmaps come from the fp32 weights it "
+                                  f"was quantized from, checked against {source}, which {state}: predicting "
+                                  f"without heatmaps")
+    import onnxruntime as ort
+    return ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
 
 
 def load_weights(meta: dict, onnx_path: Path, explicit: str | None) -> tuple[TappedModel, str]:
@@ -195,6 +214,7 @@ class Heatmaps:
         self.label_names, self.thresholds, self.multilabel = label_names, thresholds, multilabel
         self.tapped: TappedModel | None = None
         self.weights: str | None = None
+        self.reference = None  # INT8 export: the fp32 ONNX session the weights are checked against
         self.enabled = False
         self.max_abs_prob_diff: float | None = None
         self.written = 0
@@ -203,6 +223,8 @@ class Heatmaps:
         """The heatmaps part of the JSON output."""
         return {"dir": str(self.out_dir), "method": "Grad-CAM", "layer": LAYER, "weights": self.weights,
                 "written": self.written, "max_abs_prob_diff_pytorch_onnx": self.max_abs_prob_diff,
+                "checked_against": "the fp32 ONNX file the INT8 model was quantized from"
+                if self.reference is not None else "the ONNX model predicted with",
                 "tolerance": PROB_TOLERANCE}
 
     def disable(self, text: str) -> None:
@@ -227,11 +249,16 @@ class Heatmaps:
         except HeatmapsUnavailable as e:
             self.disable(f"{e}: predicting without heatmaps")
             return out
-        diff = float(np.abs(probabilities(logits, self.multilabel) - probs).max())
+        checked = probs  # the probabilities the PyTorch weights must reproduce
+        if self.reference is not None:  # an INT8 export: the PyTorch weights are the fp32 file's
+            inp = self.reference.get_inputs()[0].name
+            checked = probabilities(self.reference.run(None, {inp: images})[0], self.multilabel)
+        diff = float(np.abs(probabilities(logits, self.multilabel) - checked).max())
         self.max_abs_prob_diff = max(self.max_abs_prob_diff or 0.0, diff)
         if diff > PROB_TOLERANCE:
+            of = "the fp32 model's it was quantized from" if self.reference is not None else "the ONNX model's"
             self.disable(f"the PyTorch weights {self.weights} give probabilities up to {diff:.2e} away from "
-                         f"the ONNX model's (tolerance {PROB_TOLERANCE:g}): they are not the weights of "
+                         f"{of} (tolerance {PROB_TOLERANCE:g}): they are not the weights of "
                          f"this export; no heatmaps are written")
             return out
         for k, (row, path) in enumerate(zip(rows, paths)):
@@ -275,6 +302,7 @@ def open_heatmaps(model, out_dir: Path, weights: str | None,
     writer = Heatmaps(out_dir, model.preprocess, model.label_names, model.thresholds, model.multilabel,
                       window)
     try:
+        writer.reference = fp32_reference(model.meta, model.path)
         writer.tapped, writer.weights = load_weights(model.meta, model.path, weights)
         try:
             Path(out_dir).mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -183,6 +184,39 @@ def test_predict_runs_the_int8_file_unchanged(exported, easy, tmp_path):
     expected = 1 / (1 + np.exp(-model.session.run(None, {"image": x})[0].astype(np.float64)))
     got = [[row["probabilities"][n] for n in LABELS] for row in doc["results"]]
     np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_heatmaps_of_the_int8_file_come_from_the_fp32_weights_checked_against_the_fp32_file(
+        exported, easy, tmp_path, capsys):
+    root, _ = easy
+    _, out = exported
+    images = [str(root / "img" / f"s{i:04d}.png") for i in range(3, 40, 5)]  # test split
+    maps, result = tmp_path / "maps", tmp_path / "int8.json"
+    assert predict.main(["--model", str(out / export.INT8_FILE), *images, "--out", str(result),
+                         "--heatmaps", str(maps)]) == 0
+    doc = json.loads(result.read_text())
+    assert doc["heatmaps"]["checked_against"] == "the fp32 ONNX file the INT8 model was quantized from"
+    assert doc["heatmaps"]["max_abs_prob_diff_pytorch_onnx"] <= 1e-4
+    written = [f for row in doc["results"] for f in row["heatmaps"]]
+    positives = sum(v for row in doc["results"] for v in row["positive"].values())
+    assert positives > 0 and len(written) == positives == doc["heatmaps"]["written"]
+    assert all(Path(f).is_file() for f in written)
+    # the captions carry the INT8 model's probabilities (its decisions), not the fp32 ones
+    for row in doc["results"]:
+        for f in row["heatmaps"]:
+            label = Path(f).stem.split("__")[1].rsplit("_p", 1)
+            assert f"{row['probabilities'][label[0]]:.3f}" == label[1]
+    capsys.readouterr()
+    # an fp32 file that is not the INT8 model's source: one warning, predictions as without heatmaps
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    (other / "student.onnx").write_bytes((other / "student.onnx").read_bytes() + b"\0")
+    assert predict.main(["--model", str(other / export.INT8_FILE), *images[:2], "--out",
+                         str(tmp_path / "o.json"), "--heatmaps", str(tmp_path / "maps2")]) == 0
+    err = capsys.readouterr().err
+    assert "is an INT8 model; its heatmaps come from the fp32 weights" in err and "sha256 differs" in err
+    assert not list((tmp_path / "maps2").glob("*.png"))
 
 
 @pytest.mark.slow
