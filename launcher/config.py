@@ -193,6 +193,10 @@ class TrainConfig:
     a resumed run skips the batches already consumed, so it continues exactly."""
     log_sample_ids: bool = False
     """Write the sample ids of every step to <run>/sample_ids/rank<r>.txt (audits data order)."""
+    max_bad_steps: int = 10
+    """Consecutive optimizer steps with a NaN/inf loss term (or skipped for fp16 overflow) after
+    which the run stops with an error (launcher/nonfinite.py); fp16's loss-scale warm-up (from
+    2^12) skips fewer. Whatever the count, nothing with NaN/inf weights is saved or exported."""
     early_stopping_patience: int = 0
     """Stop after this many validated epochs without a gain in validation mean AUROC (0 = off)."""
     grad_shares_every: int = 0
@@ -215,6 +219,8 @@ class TrainConfig:
         for k in ("weight_decay", "grad_clip", "min_lr_ratio", "momentum"):
             if not getattr(self, k) >= 0:
                 raise ConfigError(f"train.{k} must be >= 0")
+        if self.max_bad_steps < 0:
+            raise ConfigError("train.max_bad_steps must be >= 0")
         if self.grad_shares_every < 0:
             raise ConfigError("train.grad_shares_every must be >= 0")
         if self.grad_shares_every and self.zero_stage == 3:

@@ -31,6 +31,7 @@ from launcher.config import ConfigError, check_world, dump_yaml, load_config
 from launcher.dist import barrier, detect_env, init_distributed, shutdown
 from launcher.model_loading import CheckpointError, check_teacher_file
 from launcher.monitor import Monitor, NullMonitor
+from launcher.nonfinite import EXIT_NONFINITE, NonFiniteTraining
 from launcher.preemption import EXIT_PREEMPTED, PREEMPTED_MARKER, Preempted, StopRequest
 from launcher.report import final_report
 from launcher.trainer import Data, Run, Trainer
@@ -144,6 +145,11 @@ def main(argv=None) -> int:
                       teacher, checkpointer, monitor, stop)
     try:
         engine, step = trainer.fit(resume_tag, start)
+    except NonFiniteTraining as e:  # raised on every rank at the same point
+        if env.is_main:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        close(monitor)
+        return EXIT_NONFINITE
     except Preempted as e:  # every rank checkpointed at the same step
         monitor.print(f"{e}; checkpoint written, exiting with {EXIT_PREEMPTED} (requeue and run "
                       f"again with --resume auto)")

@@ -186,6 +186,10 @@ def load_model(checkpoint, manifest: dict | None = None) -> LoadedModel:
         raise CheckpointError(f"{path}: model label names {meta['label_names']} differ from the shards' "
                               f"{manifest['label_names']}")
     model = build_model(state, meta, str(path if kind == "file" else path / tag))
+    broken = [k for k, v in model.model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise CheckpointError(f"{source}: {len(broken)} of the model's tensors hold NaN/inf (first: {broken[0]}): "
+                              f"it trained into non-finite values and is neither evaluated nor exported")
     meta["feature_indices"] = list(model.feature_indices)  # resolved (a config may say None)
     return LoadedModel(model, meta, source, model_dir, run_dir, _run_config(run_dir))
 

@@ -19,11 +19,12 @@ from typing import Callable
 import torch
 
 from data_pipeline.loader_common import batches_per_epoch
-from launcher.checkpoints import Checkpointer, Position, SampleLog
+from launcher.checkpoints import Checkpointer, Position, SampleLog, latest
 from launcher.config import deepspeed_config, resolve_precision
 from launcher.dist import all_gather_with_grad, average_batchnorm_stats
 from launcher.engine import log_grad_shares, train_step
 from launcher.monitor import Progress
+from launcher.nonfinite import NonFiniteGuard
 from launcher.preemption import Preempted
 from launcher.validation import BestTracker, evaluate_split
 from rmsnet.objective import TERMS, DistillTask
@@ -98,6 +99,12 @@ class Trainer:
         self.early_stop = False
         self.eval_tag = cfg.student.name if cfg.run.mode == "supervised" else "student"
         self._stage = (0, run.stages[0], 0)  # (index, stage, global batch) of the stage running
+        self.guard = NonFiniteGuard(cfg.train.max_bad_steps, env.device)
+
+    def _check_finite(self, before: str, engine=None) -> None:
+        """Collective: stop (NonFiniteTraining) when training went non-finite; with `engine`, also
+        when the student's weights hold NaN/inf (called before anything is saved from them)."""
+        self.guard.check(before, latest(self.ckpt.dir), engine.module if engine is not None else None)
 
     # ------------------------------------------------------------------------------ the loop
     def fit(self, resume_tag: str | None, start: Position):
@@ -145,6 +152,7 @@ class Trainer:
                 self.validate(engine, pos)
             pos = Position(si, pos.epoch + 1, pos.step)
             self._after_step(engine, pos, epoch_end=True)
+        self._check_finite(f"exporting stage {stage.name}", engine)
         self.ckpt.export(engine, Path("stages") / stage.name / "model.pt",
                          {"stage": stage.name, "step": pos.step})
         return engine, pos
@@ -175,9 +183,11 @@ class Trainer:
             if (i + 1) % run.accum:
                 continue
             step += 1
+            self.guard.observe(terms, step, engine.was_step_applied())
             if i + 1 < len(loader) and step < run.total_steps:  # the epoch end is saved by run_stage
                 self._after_step(engine, Position(pos.stage, pos.epoch, step, i + 1), epoch_end=False)
             if log_now:  # the only place that syncs with .item()
+                self._check_finite(f"logging step {step}")
                 self._log(engine, terms, timings, Position(pos.stage, pos.epoch, step),
                           (step - last_log) / (time.perf_counter() - t_log))
                 t_log, last_log = time.perf_counter(), step
@@ -190,9 +200,11 @@ class Trainer:
         every = self.cfg.train.checkpoint_every_steps
         saved = epoch_end or (bool(every) and pos.step % every == 0)
         if saved:
+            self._check_finite(f"checkpointing step {pos.step}", engine)
             self.ckpt.save(engine, self._stage[1].name, pos)
         if self.stop is not None and self.stop.agreed():
             if not saved:
+                self._check_finite(f"checkpointing step {pos.step}", engine)
                 self.ckpt.save(engine, self._stage[1].name, pos)
             raise Preempted(f"stopped on request after epoch {pos.epoch} of stage {self._stage[1].name}"
                             if epoch_end else f"stopped on request at step {pos.step}")
@@ -211,6 +223,7 @@ class Trainer:
     # ------------------------------------------------------------------------------ validation
     def validate(self, engine, pos: Position) -> None:
         """Validation mean AUROC after an epoch: logged, the best student exported, early stopping."""
+        self._check_finite(f"validating at step {pos.step}", engine)
         engine.eval()  # BatchNorm must use (not update) its running statistics
         val = evaluate_split(engine.module.student.forward_logits, self.data.val, engine.device,
                              self.data.manifest, self.run.student_dtype)

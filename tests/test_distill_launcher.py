@@ -175,6 +175,32 @@ def test_a_text_file_as_teacher_is_named_and_said_to_be_text_in_one_line_from_on
     assert f"checkpoint {teacher} is a text file" in lines[0] and "not a checkpoint" in lines[0]
 
 
+@pytest.mark.slow
+def test_training_that_goes_non_finite_stops_every_rank_with_one_line_and_saves_nothing_broken(
+        cxr_shards, random_teacher, tmp_path):
+    cmd = deepspeed_cmd(2, *tiny_run_args(DISTILL_CFG, cxr_shards, tmp_path, random_teacher,
+                                          "train.batch_size_per_gpu=4", "train.max_steps=40",
+                                          "train.warmup_steps=1", "train.lr=1e12", "train.max_bad_steps=2"))
+    proc = run(cmd, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Traceback" not in out
+    lines = [x for x in out.splitlines() if "error: training went non-finite" in x]
+    assert len(lines) == 1, lines
+    # NaN from about step 4: either the streak outlasts max_bad_steps or the epoch's end (validation,
+    # checkpoint) comes first and finds the weights broken
+    assert ("consecutive optimizer steps" in lines[0] and "train.max_bad_steps is 2" in lines[0]) or \
+        "the student's weights hold NaN/inf; stopped before validating at step" in lines[0], lines[0]
+    assert "nothing was saved from these weights; last good checkpoint:" in lines[0]
+    run_dir = tmp_path / "student"
+    assert not (run_dir / "final" / "model.pt").exists()
+    saved = list(run_dir.rglob("model.pt")) + list((run_dir / "checkpoints").rglob("*model_states.pt"))
+    for path in saved:  # whatever was saved before it broke is finite
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        tensors = state["model"] if "model" in state else state["module"]
+        assert all(torch.isfinite(t).all() for t in tensors.values() if torch.is_tensor(t) and t.is_floating_point()), path
+    assert not leaked_shm(cmd)
+
+
 def _rank_pids(marker: str, local_rank: int) -> list[int]:
     """PIDs of distill.py rank processes started with `--local_rank=N` (our temp run dir in the
     command line keeps other tests' processes out)."""

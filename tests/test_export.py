@@ -134,6 +134,24 @@ def test_export_without_thresholds_warns_and_without_teacher_has_no_savings(mode
     assert "savings" not in report and list(report["models"]) == ["student"]
 
 
+def test_a_model_with_non_finite_weights_is_neither_exported_nor_evaluated(model_dir, cxr_shards, tmp_path, capsys):
+    from launcher import evaluate
+    (tmp_path / "m").mkdir()
+    saved = torch.load(model_dir / "model.pt", weights_only=True)
+    name = next(k for k, v in saved["model"].items() if v.is_floating_point() and v.numel() > 4)
+    saved["model"][name] = saved["model"][name].clone().view(-1).index_fill(0, torch.tensor([3]), float("nan")) \
+        .view_as(saved["model"][name])
+    torch.save(saved, tmp_path / "m" / "model.pt")
+    said = f"{tmp_path / 'm' / 'model.pt'}: 1 of the model's tensors hold NaN/inf (first: {name}): it trained into " \
+           f"non-finite values and is neither evaluated nor exported"
+    assert export.main(["--checkpoint", str(tmp_path / "m"), "--out", str(tmp_path / "out")]) == 2
+    assert said in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert evaluate.main(["--checkpoint", str(tmp_path / "m" / "model.pt"), "--shards", str(cxr_shards),
+                          "--out", str(tmp_path / "eval")]) == 2
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err and not (tmp_path / "eval").exists()
+
+
 def test_thresholds_of_other_weights_are_refused(model_dir, tmp_path, capsys):
     (tmp_path / "m").mkdir()
     saved = torch.load(model_dir / "model.pt", weights_only=True)

@@ -16,6 +16,7 @@ from data_pipeline.manifest import read_manifest
 from launcher.checkpoints import Position
 from launcher.config import load_config
 from launcher.monitor import NullMonitor
+from launcher.nonfinite import NonFiniteTraining
 from launcher.preemption import Preempted
 from launcher.trainer import Data, Run, Trainer
 
@@ -31,6 +32,8 @@ class TinyTask(torch.nn.Module):
         super().__init__()
         self.head = torch.nn.Linear(4, CLASSES)
         self.seen: list[int] = []  # sample ids of every micro-batch trained on
+        self.nan_calls: set[int] = set()  # forward calls (1-based) whose loss gets a constant NaN added
+        self.calls = 0
 
     def needs_teacher(self) -> bool:
         return False
@@ -41,6 +44,9 @@ class TinyTask(torch.nn.Module):
     def forward(self, images, targets, t_logits, t_feats):
         logits = self.head(images.flatten(1))
         task = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets)
+        self.calls += 1
+        if self.calls in self.nan_calls:  # the gradient stays finite: only the reported value is NaN
+            task = task + torch.tensor(float("nan"))
         return {"loss": task, "task": task, "logits": logits}
 
 
@@ -52,6 +58,7 @@ class FakeEngine:
         self.device = torch.device("cpu")
         self.opt = torch.optim.SGD(self.module.parameters(), lr=0.1)
         self.steps = 0
+        self.skip_steps: set[int] = set()  # optimizer steps (1-based) "skipped for overflow"
 
     def __call__(self, images, targets, t_logits, t_feats):
         return self.module(images, targets, t_logits, t_feats)
@@ -76,10 +83,14 @@ class FakeEngine:
     def get_global_grad_norm(self):
         return 0.0
 
+    def was_step_applied(self):
+        return self.steps not in self.skip_steps
+
 
 class RecordingCheckpointer:
-    def __init__(self):
+    def __init__(self, run_dir: Path):
         self.saved: list[Position] = []
+        self.dir = run_dir / "checkpoints"  # where the trainer looks for the last good checkpoint
 
     def save(self, engine, stage_name: str, pos: Position) -> None:
         self.saved.append(pos)
@@ -123,9 +134,9 @@ def make_trainer(tmp_path, *overrides, total_steps=100, accum=1, stop=None):
     stages = tuple(cfg.resolved_stages())
     run = Run(cfg.run_dir, stages, steps_per_epoch=10, total_steps=total_steps, accum=accum,
               precision="fp32", student_dtype=torch.float32, teacher_dtype=None)
-    env = SimpleNamespace(is_main=False, rank=0, world_size=1)
+    env = SimpleNamespace(is_main=False, rank=0, world_size=1, device=torch.device("cpu"))
     data = Data({"label_names": ["a", "b", "c"], "multilabel": True}, lambda epoch: batches(10), None)
-    trainer = Trainer(cfg, run, env, data, None, RecordingCheckpointer(), NullMonitor(), stop)
+    trainer = Trainer(cfg, run, env, data, None, RecordingCheckpointer(cfg.run_dir), NullMonitor(), stop)
     trainer._stage = (0, stages[0], 2 * accum)
     return trainer
 
@@ -212,3 +223,49 @@ def test_the_run_plan_counts_the_steps_the_loaders_yield(cxr_shards, tmp_path, w
         assert len(loader) == run.steps_per_epoch, (rank, world, batch)
         for _ in loader:  # DALI wants a drained pipeline
             pass
+
+
+# ------------------------------------------------------------------------ non-finite training
+def test_a_nan_loss_on_more_than_max_bad_steps_consecutive_steps_stops_naming_the_terms(tmp_path):
+    trainer, engine = make_trainer(tmp_path, "train.max_bad_steps=2"), FakeEngine()
+    engine.module.nan_calls = {4, 5, 6, 7, 8}
+    with pytest.raises(NonFiniteTraining) as e:
+        trainer.run_epoch(engine, batches(10), Position())
+    assert str(e.value).startswith("training went non-finite: 'loss' was NaN/inf and 'task' was NaN/inf on 3 "
+                                   "consecutive optimizer steps (up to step 6; train.max_bad_steps is 2); "
+                                   "stopped before logging step 6, and nothing was saved from these weights; "
+                                   "last good checkpoint: none (the run had saved none)")
+    assert engine.steps == 6
+
+
+def test_a_streak_no_longer_than_max_bad_steps_passes_and_the_count_restarts(tmp_path):
+    trainer, engine = make_trainer(tmp_path, "train.max_bad_steps=2"), FakeEngine()
+    engine.module.nan_calls = {2, 3, 6, 7}  # two streaks of 2
+    assert trainer.run_epoch(engine, batches(10), Position()).step == 10
+
+
+def test_a_streak_between_two_logging_steps_is_still_seen(tmp_path):
+    trainer, engine = make_trainer(tmp_path, "train.max_bad_steps=1", "train.log_every=5"), FakeEngine()
+    engine.module.nan_calls = {2, 3}  # ends before the check at step 5
+    with pytest.raises(NonFiniteTraining, match=r"on 2 consecutive optimizer steps \(up to step 3;"):
+        trainer.run_epoch(engine, batches(10), Position())
+
+
+def test_steps_skipped_for_overflow_count_as_bad_steps(tmp_path):
+    trainer, engine = make_trainer(tmp_path, "train.max_bad_steps=3"), FakeEngine()
+    engine.skip_steps = {5, 6, 7, 8}
+    with pytest.raises(NonFiniteTraining, match=r"an optimizer step skipped for overflow on 4 consecutive"):
+        trainer.run_epoch(engine, batches(10), Position())
+
+
+def test_weights_holding_nan_are_never_checkpointed_and_the_last_good_checkpoint_is_named(tmp_path):
+    trainer, engine = make_trainer(tmp_path), FakeEngine()
+    ckpt = trainer.ckpt.dir
+    (ckpt / "main_e0_s10").mkdir(parents=True)
+    (ckpt / "latest").write_text("main_e0_s10")
+    with torch.no_grad():
+        engine.module.head.weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteTraining, match=r"the student's weights hold NaN/inf; stopped before "
+                                                r"checkpointing step 20, .* last good checkpoint: main_e0_s10\."):
+        trainer._after_step(engine, Position(0, 1, 20), epoch_end=True)
+    assert trainer.ckpt.saved == []
