@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -61,7 +62,7 @@ from data_pipeline.build_plan import (SLICES_DIR, ShardResult, adapter_options, 
                                       too_many_rejects, write_shards)
 from data_pipeline.build_state import STATE_FILE, parameters_digest, start_or_resume
 from data_pipeline.image_io import MissingDependency, parse_window
-from data_pipeline.manifest import MANIFEST, make_manifest, write_manifest
+from data_pipeline.manifest import MANIFEST, make_manifest, split_warnings, write_manifest
 from data_pipeline.shard_format import IMAGE_EXT
 
 
@@ -249,6 +250,8 @@ def main(argv=None) -> None:
                            for k, v in m["splits"].items())
         print(f"{m['dataset']}: {s['accepted']} samples [{counts}], {s['rejected']} rejected, "
               f"{s['images_per_second']} img/s -> {Path(args.out) / MANIFEST}")
+        for line in split_warnings(m):
+            print(f"warning: {line}", file=sys.stderr)
     if args.verify or args.verify_only:
         from data_pipeline.verify_shards import verify_or_exit
         try:

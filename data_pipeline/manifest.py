@@ -54,3 +54,31 @@ def synthetic_marker(root: Path) -> dict | None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         doc = None
     return doc if isinstance(doc, dict) else {"marker": SYNTHETIC_MARKER}
+
+
+def split_warnings(manifest: dict, splits=None) -> list[str]:
+    """One line per split on which some class cannot be scored: a multi-label class without a
+    positive or without a negative there, a single-label class without a sample there. Its AUROC
+    (and, on the validation split, its decision threshold) is then undefined. `splits`: only
+    these (default all)."""
+    lines = []
+    for split, info in manifest["splits"].items():
+        if splits is not None and split not in splits:
+            continue
+        n, pos = int(info["samples"]), info.get("positives") or {}
+        if n == 0:
+            continue
+        if manifest.get("multilabel", True):
+            none = [k for k, v in pos.items() if v == 0]
+            every = [k for k, v in pos.items() if v == n]
+            parts = ([f"no positive of {', '.join(none)}"] if none else []) + \
+                    ([f"no negative of {', '.join(every)}"] if every else [])
+        else:
+            absent = [k for k, v in pos.items() if v == 0]
+            parts = [f"no sample of {', '.join(absent)}"] if absent else []
+            if len(pos) - len(absent) == 1:
+                parts.append("a single class only")
+        if parts:
+            lines.append(f"split '{split}' ({n} samples) has {' and '.join(parts)}: AUROC (and a threshold "
+                         f"chosen there) is undefined for these classes")
+    return lines

@@ -51,7 +51,7 @@ from data_pipeline.build_plan import (SLICES_DIR, PlannedShard, ShardResult, ada
                                       too_many_rejects, write_shards)
 from data_pipeline.build_state import (STATE_FILE, clean_out, parameters_digest, read_checkpoint,
                                        shards_problem)
-from data_pipeline.manifest import MANIFEST, make_manifest, write_manifest
+from data_pipeline.manifest import MANIFEST, make_manifest, split_warnings, write_manifest
 from data_pipeline.shard_format import encode_sid, sid_offsets
 
 SLICE_VERSION = 1
@@ -391,4 +391,6 @@ def merge(args) -> dict:
                        for k, v in splits.items())
     print(f"{manifest['dataset']}: merged {n} slices: {n_ok} samples [{counts}], {len(rejected)} "
           f"rejected, {len(rewrite)} shard(s) renumbered -> {out / MANIFEST}")
+    for line in split_warnings(manifest):
+        print(f"warning: {line}", file=sys.stderr)
     return manifest

@@ -74,7 +74,7 @@ from launcher.model_loading import (REPO, THRESHOLDS, CheckpointError, LoadedMod
                                     read_thresholds, resolve_teacher)
 from launcher.int8 import INT8_CALIBRATION, INT8_FILE, INT8_TOLERANCE, int8_export, int8_inputs, int8_markdown, \
     int8_refusal
-from launcher.onnx_meta import preprocessing, sha256  # noqa: F401 (sha256: export.sha256 stays)
+from launcher.onnx_meta import DEFAULT_THRESHOLD, preprocessing, sha256  # noqa: F401 (export.sha256 stays)
 from launcher.ort_timing import LATENCY, THROUGHPUT, THROUGHPUT_BATCH, median_times, ort_session
 from rmsnet.summary import count_macs
 from rmsnet.teachers import TappedModel
@@ -437,6 +437,13 @@ def main(argv=None) -> int:
     if thresholds is None:
         print(f"warning: no {loaded.model_dir / 'thresholds.json'}: exported without thresholds "
               f"(run launcher/evaluate.py first)", file=sys.stderr)
+    else:
+        missing = [k for k, v in thresholds["thresholds"].items() if v is None]
+        if missing:
+            on = (thresholds.get("chosen_on") or {}).get("split", "validation")
+            print(f"warning: no threshold could be chosen for {', '.join(missing)}: the '{on}' split had no "
+                  f"positive or no negative of them; the export records null and launcher/predict.py "
+                  f"decides them at {DEFAULT_THRESHOLD}", file=sys.stderr)
     if train_manifest is None:
         print("warning: no training shard manifest (neither the run config's data.shards nor --shards): "
               "the export does not record how images were prepared, and launcher/predict.py will "

@@ -12,6 +12,7 @@ supervised run.
 """
 from __future__ import annotations
 
+from data_pipeline.manifest import split_warnings
 from launcher.metrics_doc import (fmt, metrics_document, model_result, split_report, write_metrics,
                                   youden_thresholds)
 from launcher.model_loading import model_meta
@@ -73,6 +74,8 @@ def final_report(trainer, engine, step: int, eval_loaders: dict) -> dict:
     monitor.print(f"\nper-class AUROC on the '{test}' split (patient-disjoint, "
                   f"{doc['splits'][test]['samples']} images{interval}):\n{table}")
     monitor.text("eval/auroc_table", f"```\n{table}\n```", step)
+    for line in split_warnings(manifest, (cfg.data.val_split, test)):  # small data: say what is undefined
+        monitor.print(f"warning: {line}")
     if trainer.env.is_main:
         curves = {names[m]: {**scores[m][test], "auroc": model_result(doc, m, test)["auroc"]} for m in roles}
         monitor.figure("eval/roc_curves", roc_figure(curves, manifest["label_names"], f"ROC, '{test}' split"), step)

@@ -294,3 +294,32 @@ def test_build_shards_over_a_csv_dataset_writes_its_labels_and_options_to_the_ma
     assert sum(s["patients"] for s in splits.values()) == 10
     assert splits["test"]["patients"] == 2 and splits["val"]["patients"] == 2
     assert sum(s["positives"]["yes"] for s in splits.values()) == 10
+
+
+# ------------------------------------------------------------------------------ small data
+def test_a_split_without_positives_or_negatives_of_a_class_is_warned_about_at_build_time(tmp_path, capsys):
+    """16 images, splits given: val holds no 'b' positive and only 'a' positives, so neither class
+    can be scored (nor a threshold chosen) there; test is fine."""
+    rows = [[f"i{k}.png", "1", str(k % 2), "train", f"p{k}"] for k in range(8)]
+    rows += [[f"v{k}.png", "1", "0", "val", f"q{k}"] for k in range(4)]
+    rows += [[f"t{k}.png", str(k % 2), str(1 - k % 2), "test", f"r{k}"] for k in range(4)]
+    root = _dataset(tmp_path / "root", rows, ["path", "a", "b", "split", "patient"])
+    build_shards.main(["--dataset", "csv", "--root", str(root), "--out", str(tmp_path / "out"), "--csv",
+                       "table.csv", "--label-columns", "a,b", "--split-column", "split", "--patient-column",
+                       "patient", "--size", "16", "--workers", "1", "--quiet"])
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning: ")]
+    assert err == ["warning: split 'train' (8 samples) has no negative of a: AUROC (and a threshold chosen "
+                   "there) is undefined for these classes",
+                   "warning: split 'val' (4 samples) has no positive of b and no negative of a: AUROC (and a "
+                   "threshold chosen there) is undefined for these classes"]
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["splits"]["val"]["samples"] == 4
+
+
+def test_a_single_label_split_with_one_class_only_is_warned_about():
+    from data_pipeline.manifest import split_warnings
+    manifest = {"multilabel": False, "splits": {
+        "val": {"samples": 5, "positives": {"x": 5, "y": 0, "z": 0}},
+        "test": {"samples": 6, "positives": {"x": 2, "y": 2, "z": 2}}}}
+    assert split_warnings(manifest) == ["split 'val' (5 samples) has no sample of y, z and a single class only: "
+                                        "AUROC (and a threshold chosen there) is undefined for these classes"]
+    assert split_warnings(manifest, ("test",)) == []
