@@ -13,6 +13,8 @@ check counts on into the next interval.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from rmsnet.objective import TERMS
@@ -51,11 +53,12 @@ class NonFiniteGuard:
         self.last_bad = torch.where(bad.bool(), torch.full_like(self.last_bad, step), self.last_bad)
         self.seen |= flags
 
-    def check(self, before: str, last_good: str | None, module: torch.nn.Module | None = None) -> None:
+    def check(self, before: str, last_good: Callable[[], str | None],
+              module: torch.nn.Module | None = None) -> None:
         """Collective (every rank, same point): raise NonFiniteTraining when any rank's longest
         streak since the last check exceeds max_bad_steps, or, with `module` (before anything is
         saved from it), when any of its parameters or buffers is NaN/inf. `before`: what was about
-        to happen."""
+        to happen; `last_good()`: the newest complete checkpoint, asked only when stopping."""
         weights_bad = torch.zeros((), dtype=torch.int64, device=self.streak.device)
         if module is not None:  # ZeRO-3 leaves empty placeholders here: the streak covers it
             for t in list(module.parameters()) + list(module.buffers()):
@@ -74,6 +77,6 @@ class NonFiniteGuard:
             raise NonFiniteTraining(
                 f"training went non-finite: {'; '.join(x for x in (streak, weights) if x)}; stopped before "
                 f"{before}, and nothing was saved from these weights; last good checkpoint: "
-                f"{last_good or 'none (the run had saved none)'}. Lower train.lr or check the inputs")
+                f"{last_good() or 'none (the run had saved none)'}. Lower train.lr or check the inputs")
         self.longest = self.streak.clone()  # a streak still running counts on
         self.seen.zero_()

@@ -104,7 +104,7 @@ class Trainer:
     def _check_finite(self, before: str, engine=None) -> None:
         """Collective: stop (NonFiniteTraining) when training went non-finite; with `engine`, also
         when the student's weights hold NaN/inf (called before anything is saved from them)."""
-        self.guard.check(before, latest(self.ckpt.dir), engine.module if engine is not None else None)
+        self.guard.check(before, lambda: latest(self.ckpt.dir), engine.module if engine is not None else None)
 
     # ------------------------------------------------------------------------------ the loop
     def fit(self, resume_tag: str | None, start: Position):
