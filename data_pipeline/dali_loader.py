@@ -20,24 +20,65 @@ Why these choices (docs/design.md, "Library behaviour the code relies on"):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from data_pipeline.loader_common import AugmentSpec, split_shards
+from data_pipeline.read_checks import DamagedSample, first_damaged_sample
+from data_pipeline.shard_format import label_problem
 
 
 @dataclass
 class DaliLoader:
-    """Iterable of batches; `len()` is the per-rank number of iterations in one epoch."""
+    """Iterable of batches; `len()` is the per-rank number of iterations in one epoch.
+
+    Labels stay on the host (the step moves them), so checking them costs no device sync. A
+    damaged sample (a label that is not 0/1, an image the pipeline cannot decode) is a
+    `DamagedSample` naming the shard and the sample key: the pipeline's own error names neither,
+    so on a pipeline failure the rank's shards are re-read to find it."""
     iterator: object
     batches_per_epoch: int
+    tars: list = field(default_factory=list)
+    manifest: dict = field(default_factory=dict)
+    split: str = ""
 
     def __iter__(self):
-        for out in self.iterator:
+        classes, multilabel = len(self.manifest["label_names"]), self.manifest["multilabel"]
+        batches = iter(self.iterator)
+        while True:
+            try:
+                out = next(batches)
+            except StopIteration:
+                break
+            except Exception as e:  # DALI raises RuntimeError with the C++ stack in the message
+                raise _damaged(e, self.tars, self.manifest, self.split) from None
             b = out[0]
+            labels = b["label"].numpy()
+            if labels.shape[1:] != (classes,) or labels.max(initial=0) > 1 or \
+                    (not multilabel and (labels.sum(axis=1) != 1).any()):
+                raise DamagedSample(self._bad_label(labels, b["sid"].view(-1).tolist(), classes, multilabel))
             yield {"image": b["image"], "label": b["label"].float(), "sid": b["sid"].view(-1)}
         self.iterator.reset()
+
+    def _bad_label(self, labels, sids, classes, multilabel) -> str:
+        """The message for the first sample of a batch whose label vector cannot be trained on."""
+        from data_pipeline.torch_loader import read_keyed_index
+
+        for row, sid in zip(labels, sids):
+            why = label_problem(row, classes, multilabel)
+            if why is None:
+                continue
+            first = 0  # sample ids run 0..n-1 over the split's shards, in order
+            for tar, shard in zip(self.tars, self.manifest["splits"][self.split]["shards"]):
+                if sid < first + shard["samples"]:
+                    index = str(Path(tar).parent / shard["index"])
+                    _, key, _ = read_keyed_index(tar, index)[sid - first]
+                    return f"{tar}: sample {key}: {why}"
+                first += shard["samples"]
+            return f"split {self.split}: sample id {sid}: {why}"
+        return f"split {self.split}: a batch of labels has shape {tuple(labels.shape)}, expected (b, {classes})"
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -86,14 +127,28 @@ def build_dali_loader(shard_dir, split: str, *, batch_size: int, image_size: int
         mirror = fn.random.coin_flip(probability=aug.hflip) if aug.hflip > 0 else 0
         img = fn.crop_mirror_normalize(img, dtype=types.FLOAT, output_layout="CHW",
                                        mean=[0.0], std=[255.0], mirror=mirror)
-        return img, (label.gpu() if gpu else label), sid
+        return img, label, sid  # labels stay on the host: DaliLoader checks them
 
     p = pipe(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
              seed=(reader_seed * 7919 + rank) % (2 ** 31), prefetch_queue_depth=prefetch, exec_dynamic=True)
     p.build()
-    it = DALIGenericIterator([p], ["image", "label", "sid"], reader_name="reader",
-                             last_batch_policy=LastBatchPolicy.FILL, auto_reset=False)
-    return DaliLoader(it, len(it))
+    try:  # the iterator runs the pipeline at once (prefetch): a damaged first batch fails here
+        it = DALIGenericIterator([p], ["image", "label", "sid"], reader_name="reader",
+                                 last_batch_policy=LastBatchPolicy.FILL, auto_reset=False)
+    except Exception as e:
+        raise _damaged(e, tars, manifest, split) from None
+    return DaliLoader(it, len(it), tars, manifest, split)
+
+
+def _damaged(error: Exception, tars, manifest: dict, split: str) -> Exception:
+    """A pipeline failure as a DamagedSample naming the shard and sample behind it (found by
+    re-reading the shards), or the original error when every sample reads."""
+    found = first_damaged_sample(tars, manifest, split)
+    if found is None:
+        return error
+    lines = [ln.strip() for ln in str(error).splitlines()
+             if ln.strip() and "no longer valid" not in ln and "Critical error" not in ln]
+    return DamagedSample(f"{found} (DALI: {lines[-1][:200] if lines else type(error).__name__})")
 
 
 def dali_available() -> bool:

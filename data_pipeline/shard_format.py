@@ -122,6 +122,15 @@ def decode_label(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8)
 
 
+def label_problem(label: np.ndarray, n_classes: int, multilabel: bool) -> str | None:
+    """Why a decoded label vector (uint8) cannot be trained on, or None."""
+    if label.shape != (n_classes,):
+        return f"label vector has {label.size} entries, expected {n_classes}"
+    if label.max(initial=0) > 1 or (not multilabel and int(label.sum()) != 1):
+        return f"label vector {label.tolist()} is not {'multi-hot (0/1)' if multilabel else 'one-hot'}"
+    return None
+
+
 def encode_sid(sid: int) -> bytes:
     return np.int64(sid).astype("<i8").tobytes()
 

@@ -18,15 +18,25 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
 
 from data_pipeline.loader_common import AugmentSpec, batches_per_epoch, split_shards
+from data_pipeline.read_checks import DamagedSample, DamagedShard
+from data_pipeline.shard_format import ID_EXT, LABEL_EXT, label_problem
 
 
 def read_index(tar: str, idx: str):
     """[(tar, {ext: (offset, size)})] per sample, from a DALI v1.2 index."""
-    lines = Path(idx).read_text().splitlines()
+    return [(t, members) for t, _, members in read_keyed_index(tar, idx)]
+
+
+def read_keyed_index(tar: str, idx: str):
+    """[(tar, sample key, {ext: (offset, size)})] per sample, from a DALI v1.2 index (`ext offset
+    size name` per member; the key is the name without its extension)."""
     out = []
-    for line in lines[1:]:
+    for n, line in enumerate(Path(idx).read_text().splitlines()[1:], start=2):
         f = line.split()
-        out.append((tar, {f[i]: (int(f[i + 1]), int(f[i + 2])) for i in range(0, len(f), 4)}))
+        if not f or len(f) % 4:
+            raise DamagedShard(f"{idx}: line {n} is not a DALI index entry; rebuild the shards")
+        key = Path(f[3]).name.split(".", 1)[0]
+        out.append((tar, key, {f[i]: (int(f[i + 1]), int(f[i + 2])) for i in range(0, len(f), 4)}))
     return out
 
 
@@ -34,7 +44,8 @@ class ShardSamples(Dataset):
     def __init__(self, shard_dir, split: str, image_size: int, augment: AugmentSpec | None):
         manifest, tars, idxs = split_shards(shard_dir, split)
         self.ext, self.stored = manifest["image"]["ext"], manifest["image"]["size"]
-        self.samples = [s for t, i in zip(tars, idxs) for s in read_index(t, i)]
+        self.classes, self.multilabel = len(manifest["label_names"]), manifest["multilabel"]
+        self.samples = [s for t, i in zip(tars, idxs) for s in read_keyed_index(t, i)]
         self.image_size = image_size
         aug = augment or AugmentSpec.none()
         ops = []
@@ -58,17 +69,41 @@ class ShardSamples(Dataset):
             f.seek(where[0])
             return f.read(where[1])
 
-    def __getitem__(self, i):
-        tar, members = self.samples[i]
+    def _read(self, tar, members):
+        """(image (1, s, s) uint8, label (C,) uint8, sid); raises DamagedSample's message as ValueError."""
+        missing = {self.ext, LABEL_EXT, ID_EXT} - set(members)
+        if missing:
+            raise ValueError(f"no .{' .'.join(sorted(missing))} member")
         raw = self._member(tar, members[self.ext])
         if self.ext == "raw":
+            if len(raw) != self.stored ** 2:
+                raise ValueError(f"raw image has {len(raw)} bytes, expected {self.stored ** 2}")
             img = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(1, self.stored, self.stored)
         else:
-            img = torch.from_numpy(np.array(Image.open(io.BytesIO(raw)).convert("L"))).unsqueeze(0)
+            try:
+                pil = Image.open(io.BytesIO(raw))
+                pil.load()
+            except Exception as e:  # PIL raises many types for damaged data
+                raise ValueError(f"image does not decode: {e}") from None
+            if pil.size != (self.stored, self.stored):
+                raise ValueError(f"image is {pil.size}, the manifest says ({self.stored}, {self.stored})")
+            img = torch.from_numpy(np.array(pil.convert("L"))).unsqueeze(0)
+        label = np.frombuffer(self._member(tar, members[LABEL_EXT]), dtype=np.uint8)
+        if (why := label_problem(label, self.classes, self.multilabel)) is not None:
+            raise ValueError(why)
+        sid_bytes = self._member(tar, members[ID_EXT])
+        if len(sid_bytes) != 8:
+            raise ValueError(f".{ID_EXT} has {len(sid_bytes)} bytes, expected 8")
+        return img, torch.from_numpy(label.copy()), int(np.frombuffer(sid_bytes, dtype="<i8")[0])
+
+    def __getitem__(self, i):
+        tar, key, members = self.samples[i]
+        try:
+            img, label, sid = self._read(tar, members)
+        except (ValueError, OSError) as e:
+            raise DamagedSample(f"{tar}: sample {key}: {e}") from None
         if self.transform is not None:
             img = self.transform(img)
-        label = torch.frombuffer(bytearray(self._member(tar, members["lbl"])), dtype=torch.uint8)
-        sid = int(np.frombuffer(self._member(tar, members["sid"]), dtype="<i8")[0])
         return {"image": img.float() / 255.0, "label": label.float(), "sid": torch.tensor(sid)}
 
 

@@ -25,7 +25,7 @@ from PIL import Image
 
 from data_pipeline.manifest import read_manifest
 from data_pipeline.shard_format import (ID_EXT, LABEL_EXT, META_EXT, dali_index, decode_label,
-                                        decode_sid, read_shard, sha256_file)
+                                        decode_sid, label_problem, read_shard, sha256_file)
 
 PIL_FORMAT = {"png": "PNG", "jpg": "JPEG"}
 
@@ -55,18 +55,13 @@ def _image_problem(data: bytes, ext: str, size: int) -> str | None:
     return None
 
 
-def _sample_problems(key: str, members: dict, ext: str, size: int, n_classes: int,
+def sample_problems(key: str, members: dict, ext: str, size: int, n_classes: int,
                      multilabel: bool, split: str) -> list[str]:
     expected = {ext, LABEL_EXT, ID_EXT, META_EXT}
     if set(members) != expected:
         return [f"members {sorted(members)}, expected {sorted(expected)}"]
     found = [_image_problem(members[ext], ext, size)]
-    labels = decode_label(members[LABEL_EXT])
-    if len(labels) != n_classes:
-        found.append(f"label vector has {len(labels)} entries, expected {n_classes}")
-    elif labels.max(initial=0) > 1 or (not multilabel and labels.sum() != 1):
-        found.append(f"label vector {labels.tolist()} is not "
-                     f"{'multi-hot (0/1)' if multilabel else 'one-hot'}")
+    found.append(label_problem(decode_label(members[LABEL_EXT]), n_classes, multilabel))
     if len(members[ID_EXT]) != 8:
         found.append(f".sid has {len(members[ID_EXT])} bytes, expected 8")
     try:
@@ -99,7 +94,7 @@ def _check_shard(shard_dir: Path, shard: dict, split: str, first_sid: int, manif
     try:
         for key, members in read_shard(path):
             expected_sid = first_sid + n
-            for p in _sample_problems(key, members, image["ext"], image["size"],
+            for p in sample_problems(key, members, image["ext"], image["size"],
                                       len(manifest["label_names"]), manifest["multilabel"], split):
                 problems.append(Problem(name, key, p))
             if len(members.get(ID_EXT, b"")) == 8 and decode_sid(members[ID_EXT]) != expected_sid:

@@ -4,16 +4,21 @@ Layout under the run directory:
 
     checkpoints/<stage>-e<epoch>-s<step>/   DeepSpeed checkpoint of the end of an epoch
     checkpoints/<stage>-e<epoch>b<batch>-s<step>/   ... inside an epoch (train.checkpoint_every_steps)
-    checkpoints/latest                      DeepSpeed's pointer, rewritten only after a complete save
+    checkpoints/<tag>/files.json            every file of the tag with its size and sha256, written last
+    checkpoints/latest                      DeepSpeed's pointer to the newest tag it saved
     stages/<stage>/model.pt                 student (+ adapters) at the end of a stage: next stage's start
     final/model.pt                          the deployable student with its metadata
 
-A save killed half-way leaves a partial tag directory but never touches `latest`, so `--resume auto`
-(which follows `latest`) always lands on a complete checkpoint. Only the newest `keep` epoch
-checkpoints are kept.
+A tag is complete when its `files.json` exists and every file it lists has the recorded size and
+sha256. A save killed half-way leaves a tag without one; a file damaged later (a truncated model
+states file, a flipped byte) fails the check. `--resume auto` takes the newest complete tag and
+says which newer ones it passed over and why; an explicit `--resume TAG` that fails the check is
+an error naming the file. Only the newest `keep` checkpoints are kept.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -26,6 +31,76 @@ import torch
 from launcher.dist import average_batchnorm_stats, barrier
 
 TAG = re.compile(r"^(?P<stage>[\w-]+?)-e(?P<epoch>\d{4})(b(?P<batch>\d{5}))?-s(?P<step>\d{8})$")
+FILES = "files.json"  # in a tag directory: the checkpoint's files, sizes and checksums; written last
+
+
+class CheckpointDamaged(RuntimeError):
+    """A checkpoint tag that is incomplete or whose files differ from its files.json."""
+
+
+def _sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_file_manifest(tag_dir: Path) -> None:
+    """Record every file of a saved tag (size, sha256) in files.json, atomically: the mark that
+    the checkpoint is complete."""
+    files = {str(f.relative_to(tag_dir)): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+             for f in sorted(tag_dir.rglob("*")) if f.is_file() and f.name != FILES
+             and not f.name.endswith(".part")}
+    tmp = tag_dir / (FILES + ".part")
+    with open(tmp, "w") as fh:
+        json.dump({"tag": tag_dir.name, "files": files}, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, tag_dir / FILES)
+
+
+def check_complete(tag_dir: Path) -> None:
+    """Raise CheckpointDamaged naming the first file (or the missing files.json) that is wrong."""
+    listing = tag_dir / FILES
+    if not listing.is_file():
+        raise CheckpointDamaged(f"{tag_dir}: incomplete checkpoint, no {FILES} (the save did not "
+                                f"finish)")
+    try:
+        files = json.loads(listing.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointDamaged(f"{listing}: unreadable ({e})") from None
+    for rel, want in files.items():
+        f = tag_dir / rel
+        if not f.is_file():
+            raise CheckpointDamaged(f"{f}: missing (listed in {FILES})")
+        size = f.stat().st_size
+        if size != want["bytes"]:
+            raise CheckpointDamaged(f"{f}: {size} bytes, {FILES} records {want['bytes']} "
+                                    f"(truncated or overwritten)")
+        if _sha256(f) != want["sha256"]:
+            raise CheckpointDamaged(f"{f}: sha256 differs from the one {FILES} records (the file "
+                                    f"was changed after the save)")
+
+
+def tags_newest_first(ckpt_dir: Path) -> list[str]:
+    if not ckpt_dir.is_dir():
+        return []
+    tags = [d.name for d in ckpt_dir.iterdir() if d.is_dir() and TAG.match(d.name)]
+    return sorted(tags, key=lambda t: int(TAG.match(t)["step"]), reverse=True)
+
+
+def newest_complete(ckpt_dir: Path, passed_over: list[str] | None = None) -> str | None:
+    """The newest tag that passes `check_complete`, or None. Each newer tag that fails is
+    described in `passed_over`, when given."""
+    for tag in tags_newest_first(Path(ckpt_dir)):
+        try:
+            check_complete(Path(ckpt_dir) / tag)
+            return tag
+        except CheckpointDamaged as e:
+            if passed_over is not None:
+                passed_over.append(str(e))
+    return None
 
 
 @dataclass(frozen=True)
@@ -53,6 +128,9 @@ def save(engine, ckpt_dir: Path, stage_name: str, pos: Position, keep: int, is_m
     own_bn = _batchnorm_stats(engine.module)
     average_batchnorm_stats(engine.module)  # the model states (rank 0's) hold every rank's mean
     tag = tag_for(stage_name, pos.epoch, pos.step, pos.batch)
+    if is_main and (ckpt_dir / tag).exists():  # left by an earlier attempt at this step (a run that
+        shutil.rmtree(ckpt_dir / tag)          # resumed from an older tag): its files are stale
+    barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={
         "stage": pos.stage, "epoch": pos.epoch, "step": pos.step, "batch": pos.batch})
     # Per rank: its torch RNG (dropout, drop-path; the data order needs none, it is seeded per
@@ -69,35 +147,40 @@ def save(engine, ckpt_dir: Path, stage_name: str, pos: Position, keep: int, is_m
         for n, b in own_bn.items():
             buffers[n].copy_(b)
     barrier()
-    if is_main and keep > 0:
-        tags = sorted((d for d in ckpt_dir.iterdir() if d.is_dir() and TAG.match(d.name)),
-                      key=lambda d: int(TAG.match(d.name)["step"]))
-        for old in tags[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+    if is_main:  # every rank's files are on disk: mark the tag complete, then prune
+        write_file_manifest(ckpt_dir / tag)
+        if keep > 0:
+            for old in tags_newest_first(ckpt_dir)[keep:]:
+                shutil.rmtree(ckpt_dir / old, ignore_errors=True)
     barrier()
 
 
-def latest(ckpt_dir: Path) -> str | None:
-    """The newest complete checkpoint tag, or None."""
-    pointer = ckpt_dir / "latest"
-    if not pointer.is_file():
-        return None
-    tag = pointer.read_text().strip()
-    if not (ckpt_dir / tag).is_dir():
-        raise FileNotFoundError(f"{pointer} names {tag}, which is missing: the checkpoint directory "
-                                f"was modified by hand")
-    return tag
-
-
-def resume_position(resume: str, ckpt_dir: Path) -> tuple[str | None, Position]:
-    """`none`, `auto` (newest complete checkpoint if any) or a tag name -> (tag, position)."""
+def resume_position(resume: str, ckpt_dir: Path, say=print) -> tuple[str | None, Position]:
+    """`none`, `auto` (the newest complete checkpoint if any; newer damaged or incomplete ones are
+    passed over, each named through `say`; with none complete, a start from the beginning when
+    every save was unfinished, else CheckpointDamaged) or a tag name (checked: CheckpointDamaged if
+    it fails) -> (tag, position)."""
     if resume == "none":
         return None, Position()
-    tag = latest(ckpt_dir) if resume == "auto" else resume
-    if tag is None:
-        return None, Position()
-    if not (ckpt_dir / tag).is_dir():
-        raise FileNotFoundError(f"--resume {resume}: checkpoint {ckpt_dir / tag} not found")
+    if resume == "auto":
+        passed: list[str] = []
+        tag = newest_complete(ckpt_dir, passed)
+        for why in passed:
+            say(f"warning: --resume auto passes over {why}" + (f"; resuming from {tag}" if tag else ""))
+        if tag is None:
+            tags = tags_newest_first(Path(ckpt_dir))
+            if any((Path(ckpt_dir) / t / FILES).is_file() for t in tags):  # saved whole, since damaged
+                raise CheckpointDamaged(f"--resume auto: no complete checkpoint in {ckpt_dir} "
+                                        f"({len(passed)} damaged or incomplete; see above)")
+            if tags:  # killed during its first save(s): nothing was lost that a restart redoes
+                say(f"warning: --resume auto: no complete checkpoint in {ckpt_dir} ({len(tags)} "
+                    f"unfinished save(s) passed over); starting from the beginning")
+            return None, Position()
+    else:
+        tag = resume
+        if not (ckpt_dir / tag).is_dir():
+            raise FileNotFoundError(f"--resume {resume}: checkpoint {ckpt_dir / tag} not found")
+        check_complete(ckpt_dir / tag)
     # ZeRO 0-2 write mp_rank_00_model_states.pt; ZeRO-3 writes one zero_pp_rank_<r>_... per rank,
     # each carrying the same client state.
     names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
@@ -205,8 +288,9 @@ class Checkpointer:
         save(engine, self.dir, stage_name, pos, self.keep, self.is_main)
 
     def resume_position(self, resume: str) -> tuple[str | None, Position]:
-        """`--resume none | auto | TAG` -> (tag or None, where the run continues)."""
-        return resume_position(resume, self.dir)
+        """`--resume none | auto | TAG` -> (tag or None, where the run continues); rank 0 prints
+        what `auto` passed over."""
+        return resume_position(resume, self.dir, print if self.is_main else (lambda _: None))
 
     def restore(self, engine, tag: str) -> None:
         """Engine (model, optimizer, scheduler, ZeRO partitions) and this rank's own state."""

@@ -66,6 +66,11 @@ class DataConfig:
     emulate_world_size: int = 1
     """Single process only: replay the training data order of a run on this many ranks (needs
     train.gradient_accumulation_steps equal to it); for reproducing or checking a multi-GPU run."""
+    verify: Literal["sha256", "size", "none"] = "sha256"
+    """Before a run reads them, check each shard of its splits against the manifest: size and
+    sha256 (`sha256`, every byte read once, split across ranks), size only (`size`, for datasets too
+    large to hash at every start), or not at all (`none`). Damaged samples met while reading stop
+    the run naming shard and sample whatever this says."""
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"

@@ -232,6 +232,16 @@ def release_shm_names(rank: int) -> None:
     shm_segment(rank).unlink(missing_ok=True)
 
 
+def first_error(message: str | None) -> str | None:
+    """Collective: the lowest rank's error message (None where a rank has none), the same on
+    every rank, so that all of them stop together on an error some rank found."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return message
+    found = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(found, message)
+    return next((m for m in found if m), None)
+
+
 def barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()

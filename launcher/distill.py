@@ -9,8 +9,12 @@ On a host without a GPU, `--num_gpus 2` starts two CPU ranks (gloo); DALI then r
 CPU-only mode. Every rank runs the frozen teacher in DeepSpeed's inference engine beside the
 student, which DeepSpeed trains with ZeRO data parallelism. SIGUSR1 (and SIGTERM under srun) makes
 every rank checkpoint at the same step and exit 75 (launcher/preemption.py); `--resume auto`
-continues from there. `main()` reads top to bottom in the order it runs: config -> inputs checked
--> distributed init -> loaders -> run plan -> teacher -> checkpointer and resume -> trainer.fit
+continues from there. A run directory has one writer at a time (launcher/run_lock.py); a new run
+(no --resume) over an earlier one is refused unless --overwrite. Shards are checked against their
+manifest before they are read, and a damaged sample stops every rank naming shard and sample
+(launcher/read_faults.py). `main()` reads top to bottom in the order it runs: config -> inputs
+checked -> distributed init -> run directory locked -> shards checked -> loaders -> run plan ->
+teacher -> checkpointer and resume (the newest complete checkpoint) -> trainer.fit
 (launcher/trainer.py) -> final report and export (launcher/report.py) -> close.
 """
 from __future__ import annotations
@@ -26,14 +30,17 @@ import torch
 from data_pipeline.loader import build_emulated_loader, build_loader
 from data_pipeline.loader_common import AugmentSpec
 from data_pipeline.manifest import read_manifest
-from launcher.checkpoints import Checkpointer
+from data_pipeline.read_checks import DamagedSample, DamagedShard
+from launcher.checkpoints import CheckpointDamaged, Checkpointer
 from launcher.config import ConfigError, check_world, dump_yaml, load_config
-from launcher.dist import barrier, detect_env, init_distributed, shutdown
+from launcher.dist import barrier, detect_env, first_error, init_distributed, shutdown
 from launcher.model_loading import CheckpointError, check_teacher_file
 from launcher.monitor import Monitor, NullMonitor
 from launcher.nonfinite import EXIT_NONFINITE, NonFiniteTraining
 from launcher.preemption import EXIT_PREEMPTED, PREEMPTED_MARKER, Preempted, StopRequest
+from launcher.read_faults import agreed_loader, check_shards, cpu_group
 from launcher.report import final_report
+from launcher.run_lock import RunDirLocked, claim_run_dir, describe as describe_holder
 from launcher.trainer import Data, Run, Trainer
 from rmsnet.teachers import create_teacher
 
@@ -45,12 +52,16 @@ def parse_args(argv=None):
                    help="override a config field, e.g. --set train.lr=3e-4 (repeatable)")
     p.add_argument("--resume", default="none",
                    help="none | auto (newest complete checkpoint of the run, if any) | a checkpoint tag")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a run directory that holds an earlier run (deleting it)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed adds it
     return p.parse_args(argv)
 
 
-def check_inputs(cfg) -> dict:
+def check_inputs(cfg, args) -> dict:
     """Everything a user can get wrong, checked before any process group starts."""
+    if args.overwrite and args.resume != "none":
+        raise ValueError(f"--overwrite starts the run afresh; it cannot be combined with --resume {args.resume}")
     check_world(cfg, detect_env()["world_size"])
     manifest = read_manifest(cfg.data.shards)
     if cfg.run.mode == "distill":
@@ -63,8 +74,9 @@ def check_inputs(cfg) -> dict:
 
 
 def make_loaders(cfg, env):
-    """A train-loader factory (one loader per epoch: see data_pipeline.loader) and eval loaders."""
-    d, seed = cfg.data, cfg.run.seed
+    """A train-loader factory (one loader per epoch: see data_pipeline.loader) and eval loaders,
+    each reading batches every rank agrees it has (launcher/read_faults.py)."""
+    d, seed, group = cfg.data, cfg.run.seed, cpu_group()
     common = dict(backend=d.loader, batch_size=cfg.train.batch_size_per_gpu, image_size=d.image_size,
                   rank=env.rank, world_size=env.world_size, num_threads=d.num_threads,
                   device_id=env.device.index if env.device.type == "cuda" else None)
@@ -73,11 +85,12 @@ def make_loaders(cfg, env):
     def train_for(epoch: int):
         if d.emulate_world_size > 1:
             emulated = {k: v for k, v in common.items() if k not in ("rank", "world_size")}
-            return build_emulated_loader(d.shards, d.train_split, virtual_world_size=d.emulate_world_size,
-                                         train=True, seed=seed, augment=augment, epoch=epoch, **emulated)
-        return build_loader(d.shards, d.train_split, train=True, seed=seed, augment=augment,
-                            epoch=epoch, **common)
-    evals = {s: build_loader(d.shards, s, train=False, seed=seed, **common)
+            return agreed_loader(lambda: build_emulated_loader(
+                d.shards, d.train_split, virtual_world_size=d.emulate_world_size, train=True, seed=seed,
+                augment=augment, epoch=epoch, **emulated), group)
+        return agreed_loader(lambda: build_loader(d.shards, d.train_split, train=True, seed=seed,
+                                                  augment=augment, epoch=epoch, **common), group)
+    evals = {s: agreed_loader(lambda s=s: build_loader(d.shards, s, train=False, seed=seed, **common), group)
              for s in (d.val_split, d.test_split)}
     return train_for, evals
 
@@ -111,17 +124,42 @@ def describe(cfg, run: Run, env, resume_tag: str | None) -> str:
             + (f" | resuming from {resume_tag}" if resume_tag else ""))
 
 
-def close(monitor) -> None:
+def claim(cfg, env, args):
+    """Collective: rank 0 locks the run directory (launcher/run_lock.py); every rank learns
+    whether it could. Returns (lock or None, error or None)."""
+    lock, error = None, None
+    if env.is_main:
+        try:
+            lock = claim_run_dir(cfg.run_dir, args.resume, args.overwrite, f"distill.py {cfg.run.mode}")
+            if lock.took_over:
+                print(f"taking over the stale lock of {describe_holder(lock.took_over)}: "
+                      f"{lock.took_over['why']}", flush=True)
+        except RunDirLocked as e:
+            error = str(e)
+    return lock, first_error(error)
+
+
+def close(monitor, lock=None) -> None:
     monitor.close()
     barrier()
+    if lock is not None:
+        lock.release()
     shutdown()
+
+
+def stop_with(error: str, env, lock, monitor=None) -> int:
+    """Every rank ends on an error they all know: one line (rank 0), exit 2."""
+    if env.is_main:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+    close(monitor or NullMonitor(), lock)
+    return 2
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:  # config -> inputs checked, before any process group
         cfg = load_config(args.config, args.set)
-        manifest = check_inputs(cfg)
+        manifest = check_inputs(cfg, args)
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError, RuntimeError) as e:
         if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:  # all ranks find it: say it once
             print(f"error: {e}", file=sys.stderr)
@@ -131,13 +169,28 @@ def main(argv=None) -> int:
     print(f"rank {env.rank}/{env.world_size} on {socket.gethostname()} (local rank {env.local_rank}/"
           f"{env.local_world_size}, {env.device}, {torch.get_num_threads()} threads, rendezvous "
           f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')})", flush=True)
+    lock, error = claim(cfg, env, args)
+    if error:
+        return stop_with(error, env, lock)
+    try:  # before any loader reads them
+        d = cfg.data
+        check_shards(d.shards, manifest, (d.train_split, d.val_split, d.test_split), d.verify,
+                     env.rank, env.world_size)
+    except DamagedShard as e:
+        return stop_with(str(e), env, lock)
     stop = StopRequest()  # SIGUSR1 (and SIGTERM under srun): checkpoint, exit 75
     torch.manual_seed(cfg.run.seed)
-    train_for, eval_loaders = make_loaders(cfg, env)
+    try:
+        train_for, eval_loaders = make_loaders(cfg, env)
+    except DamagedSample as e:  # raised on every rank together
+        return stop_with(str(e), env, lock)
     run = Run.plan(cfg, manifest, env.world_size, env.device.type == "cuda")
     teacher = build_teacher(cfg, len(manifest["label_names"]), run.teacher_dtype)
     checkpointer = Checkpointer(run.dir, cfg.train.keep_checkpoints, env.is_main)
-    resume_tag, start = checkpointer.resume_position(args.resume)
+    try:  # every rank reads the same files: they agree without a word
+        resume_tag, start = checkpointer.resume_position(args.resume)
+    except (CheckpointDamaged, FileNotFoundError) as e:
+        return stop_with(str(e), env, lock)
     monitor = open_run_dir(cfg, env)
     monitor.print(describe(cfg, run, env, resume_tag))
 
@@ -148,18 +201,24 @@ def main(argv=None) -> int:
     except NonFiniteTraining as e:  # raised on every rank at the same point
         if env.is_main:
             print(f"error: {e}", file=sys.stderr, flush=True)
-        close(monitor)
+        close(monitor, lock)
         return EXIT_NONFINITE
+    except DamagedSample as e:  # raised on every rank at the same batch
+        return stop_with(f"{e}; the run stopped there (its last checkpoint is kept: fix or rebuild the "
+                         f"shards, then --resume auto)", env, lock, monitor)
     except Preempted as e:  # every rank checkpointed at the same step
         monitor.print(f"{e}; checkpoint written, exiting with {EXIT_PREEMPTED} (requeue and run "
                       f"again with --resume auto)")
         if env.is_main:  # for batch scripts: srun may report another rank's exit code
             (run.dir / PREEMPTED_MARKER).write_text(f"{e}\n")
-        close(monitor)
+        close(monitor, lock)
         return EXIT_PREEMPTED
 
-    final_report(trainer, engine, step, eval_loaders)
-    close(monitor)
+    try:
+        final_report(trainer, engine, step, eval_loaders)
+    except DamagedSample as e:
+        return stop_with(f"{e}; the run stopped in its final evaluation", env, lock, monitor)
+    close(monitor, lock)
     return 0
 
 

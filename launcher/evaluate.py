@@ -25,6 +25,7 @@ Writes under --out (default: <run dir>/eval/<split>):
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -32,10 +33,12 @@ import numpy as np
 import torch
 
 from data_pipeline.manifest import read_manifest
+from data_pipeline.read_checks import DamagedSample, DamagedShard
 from launcher.config import ConfigError
 from launcher.model_loading import (THRESHOLDS, CheckpointError, LoadedModel, _find_run_dir,
                                     _run_config, load_model, load_teacher, locate_checkpoint,
                                     resolve_teacher, write_thresholds)
+from launcher.run_lock import RunDirLocked, RunLock
 from launcher.metrics_doc import (metrics_document, report_text, split_report, write_metrics,
                                   youden_thresholds)
 
@@ -56,6 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--loader", choices=("auto", "dali", "torch"), default=None,
                    help="default: the run config's data.loader, else auto")
     p.add_argument("--num-threads", type=int, default=1, help="loader threads per rank")
+    p.add_argument("--verify", choices=("sha256", "size", "none"), default=None,
+                   help="check the shards against the manifest first (default: the run config's "
+                        "data.verify, else sha256)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed adds it
@@ -82,39 +88,70 @@ def main(argv=None) -> int:
         loaded = load_model(args.checkpoint, manifest)
         spec = None if args.no_teacher else resolve_teacher(loaded, args.teacher, args.teacher_name)
         teacher = load_teacher(spec, len(manifest["label_names"])) if spec else None
-    except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
+        lock = None  # rank 0 writes into the run directory (thresholds, eval/): one writer at a time
+        if loaded.run_dir is not None and os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+            lock = RunLock(loaded.run_dir, "evaluate.py").acquire()
+    except (CheckpointError, ConfigError, FileNotFoundError, ValueError, RunDirLocked) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    try:
+        return evaluate(args, shards, manifest, loaded, spec, teacher)
+    finally:
+        if lock is not None:
+            lock.release()
 
-    from data_pipeline.loader import build_loader
+
+def evaluate(args, shards, manifest, loaded: LoadedModel, spec, teacher) -> int:
+    """Score the splits (every rank its part), report on rank 0."""
     from launcher.dist import barrier, init_distributed, launched_distributed, shutdown
-    from launcher.engine import predict
     if launched_distributed():
         env = init_distributed()
         rank, world, device = env.rank, env.world_size, env.device
     else:  # a plain `python launcher/evaluate.py`: no process group at all
         rank, world = 0, 1
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    models = {"student": loaded.model.to(device)}
-    if teacher is not None:
-        models["teacher"] = teacher.to(device)
-    backend = args.loader or (loaded.config.data.loader if loaded.config else "auto")
-
-    preds = {}  # (model, split) -> (probs (n, C), targets (n, C), sids (n,)), the same on every rank
-    for split in dict.fromkeys([args.val_split, args.split]):
-        for name, model in models.items():  # one loader at a time: DALI wants each drained in turn
-            loader = build_loader(shards, split, backend=backend, batch_size=args.batch_size,
-                                  image_size=loaded.meta["image_size"], train=False, rank=rank,
-                                  world_size=world, num_threads=args.num_threads, seed=0,
-                                  device_id=device.index if device.type == "cuda" else None)
-            preds[name, split] = predict(model.forward_logits, loader, device, manifest["multilabel"])
-
+    try:
+        preds = score(args, shards, manifest, loaded, teacher, rank, world, device)
+    except (DamagedShard, DamagedSample) as e:  # raised on every rank together
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        barrier()
+        shutdown()
+        return 2
     if rank == 0:
         out = Path(args.out) if args.out else (loaded.run_dir or loaded.model_dir) / "eval" / args.split
         report(args, loaded, spec, manifest, shards, preds, out, world)
     barrier()
     shutdown()
     return 0
+
+
+def score(args, shards, manifest, loaded: LoadedModel, teacher, rank: int, world: int, device) -> dict:
+    """(model, split) -> (probs, targets, sids) on every rank, after the shards are checked;
+    collective (launcher/read_faults.py)."""
+    from data_pipeline.loader import build_loader
+    from launcher.engine import predict
+    from launcher.read_faults import agreed_loader, check_shards, cpu_group
+
+    splits = list(dict.fromkeys([args.val_split, args.split]))
+    check_shards(shards, manifest, splits, args.verify or (loaded.config.data.verify if loaded.config
+                                                           else "sha256"), rank, world)
+    group = cpu_group()
+    models = {"student": loaded.model.to(device)}
+    if teacher is not None:
+        models["teacher"] = teacher.to(device)
+    backend = args.loader or (loaded.config.data.loader if loaded.config else "auto")
+
+    preds = {}  # (model, split) -> (probs (n, C), targets (n, C), sids (n,)), the same on every rank
+    for split in splits:
+        for name, model in models.items():  # one loader at a time: DALI wants each drained in turn
+            loader = agreed_loader(lambda: build_loader(
+                shards, split, backend=backend, batch_size=args.batch_size,
+                image_size=loaded.meta["image_size"], train=False, rank=rank, world_size=world,
+                num_threads=args.num_threads, seed=0,
+                device_id=device.index if device.type == "cuda" else None), group)
+            preds[name, split] = predict(model.forward_logits, loader, device, manifest["multilabel"])
+    return preds
 
 
 def report(args, loaded: LoadedModel, spec, manifest, shards, preds, out: Path, world: int) -> dict:

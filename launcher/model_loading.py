@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from data_pipeline.manifest import read_manifest
+from launcher.checkpoints import CheckpointDamaged, check_complete, newest_complete, tags_newest_first
 from launcher.config import Config, ConfigError, load_config
 from rmsnet.teachers import (CheckpointMismatchError, TappedModel, create_tapped_model, create_teacher,
                              describe_unreadable, read_state_dict)
@@ -75,15 +76,23 @@ def locate_checkpoint(path) -> tuple[str, Path, str | None]:
         if f.is_file():
             return "file", f, None
     if any(p.glob("*model_states.pt")):  # a DeepSpeed tag directory
+        try:
+            check_complete(p)
+        except CheckpointDamaged as e:
+            raise CheckpointError(str(e)) from None
         return "deepspeed", p.parent, p.name
     for d in (p, p / "checkpoints"):
-        if (d / "latest").is_file():
-            tag = (d / "latest").read_text().strip()
-            if not (d / tag).is_dir():
-                raise CheckpointError(f"{d / 'latest'} names tag {tag!r}, which is missing")
+        if tags_newest_first(d):
+            passed: list[str] = []
+            tag = newest_complete(d, passed)
+            for why in passed:
+                print(f"warning: passing over {why}", file=sys.stderr)
+            if tag is None:
+                raise CheckpointError(f"--checkpoint {p}: no complete checkpoint in {d} "
+                                      f"({len(passed)} damaged or incomplete)")
             return "deepspeed", d, tag
     raise CheckpointError(f"--checkpoint {p}: not a run directory (final/model.pt), a model.pt file, "
-                          f"or a DeepSpeed checkpoint directory (with `latest` or *model_states.pt)")
+                          f"or a DeepSpeed checkpoint directory (with tags or *model_states.pt)")
 
 
 def consolidate_deepspeed(ckpt_dir: Path, tag: str) -> tuple[dict, str]:

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from data_pipeline.loader_common import batches_per_epoch
-from launcher.checkpoints import Checkpointer, Position, SampleLog, latest
+from launcher.checkpoints import Checkpointer, Position, SampleLog, newest_complete
 from launcher.config import deepspeed_config, resolve_precision
 from launcher.dist import all_gather_with_grad, average_batchnorm_stats
 from launcher.engine import log_grad_shares, train_step
@@ -104,7 +104,7 @@ class Trainer:
     def _check_finite(self, before: str, engine=None) -> None:
         """Collective: stop (NonFiniteTraining) when training went non-finite; with `engine`, also
         when the student's weights hold NaN/inf (called before anything is saved from them)."""
-        self.guard.check(before, lambda: latest(self.ckpt.dir), engine.module if engine is not None else None)
+        self.guard.check(before, lambda: newest_complete(self.ckpt.dir), engine.module if engine is not None else None)
 
     # ------------------------------------------------------------------------------ the loop
     def fit(self, resume_tag: str | None, start: Position):

@@ -45,6 +45,11 @@ def test_two_rank_cpu_distillation_leaves_checkpoint_student_and_readable_tensor
     tag = (ckpt / "latest").read_text().strip()
     assert (ckpt / tag / "mp_rank_00_model_states.pt").is_file()
     assert len(list((ckpt / tag).glob("*optim_states.pt"))) == 2
+    from launcher.checkpoints import FILES, check_complete
+    check_complete(ckpt / tag)  # files.json lists every rank's files, written last
+    listed = json.loads((ckpt / tag / FILES).read_text())["files"]
+    assert {"rank0_state.pt", "rank1_state.pt", "mp_rank_00_model_states.pt"} <= set(listed)
+    assert not (run_dir / "run.lock").exists()  # released at the end
 
     # The exported student rebuilds into the same architecture.
     exported = torch.load(run_dir / "final" / "model.pt", weights_only=True)

@@ -7,6 +7,7 @@ Two CPU ranks through the real `deepspeed` launcher; marked slow, run in CI.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -57,6 +58,8 @@ def test_sigkill_mid_epoch_then_resume_auto_matches_the_uninterrupted_run(cxr_sh
     resumed = run(deepspeed_cmd(2, *_args(cxr_shards, tmp_path / "killed", teacher), "--resume", "auto"))
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resuming from main-e" in resumed.stdout
+    assert re.search(r"taking over the stale lock of pid \d+ on .*: process \d+ is no longer running",
+                     resumed.stdout), resumed.stdout[-3000:]
 
     assert_same_student(tmp_path / "full" / "student", tmp_path / "killed" / "student")
     for rank in (0, 1):

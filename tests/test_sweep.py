@@ -22,6 +22,7 @@ from data_pipeline.loader_common import split_patients
 from data_pipeline.manifest import read_manifest
 from launcher.metrics_doc import model_result, read_metrics
 from launcher import sweep, sweep_report
+from launcher.checkpoints import FILES
 from launcher.config import ConfigError
 
 CFG = REPO / "launcher" / "configs" / "demo_distill.yaml"
@@ -169,12 +170,12 @@ def test_sweep_runs_each_run_once_resumes_an_interrupted_one_and_reports(tmp_pat
                             start_new_session=True)
     first = out / "runs" / "alone" / "train.lr-1e-3" / "seed0"
     deadline = time.time() + 300
-    latest = first / "checkpoints" / "latest"  # written once a checkpoint is complete
-    while not latest.is_file() and time.time() < deadline and proc.poll() is None:
+    complete = lambda: list((first / "checkpoints").glob(f"*/{FILES}"))  # noqa: E731 (written last)
+    while not complete() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert latest.is_file(), proc.stdout.read().decode()
+    assert complete(), proc.stdout.read().decode()
     assert not (first / "metrics.json").exists(), "the run finished before it could be interrupted"
     # 2. run again: the interrupted run resumes, the others run, the table is written
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)

@@ -13,7 +13,7 @@ import torch
 from data_pipeline.loader import build_loader
 from data_pipeline.loader_common import batches_per_epoch
 from data_pipeline.manifest import read_manifest
-from launcher.checkpoints import Position
+from launcher.checkpoints import Position, write_file_manifest
 from launcher.config import load_config
 from launcher.monitor import NullMonitor
 from launcher.nonfinite import NonFiniteTraining
@@ -261,11 +261,13 @@ def test_steps_skipped_for_overflow_count_as_bad_steps(tmp_path):
 def test_weights_holding_nan_are_never_checkpointed_and_the_last_good_checkpoint_is_named(tmp_path):
     trainer, engine = make_trainer(tmp_path), FakeEngine()
     ckpt = trainer.ckpt.dir
-    (ckpt / "main_e0_s10").mkdir(parents=True)
-    (ckpt / "latest").write_text("main_e0_s10")
+    (ckpt / "main-e0000-s00000010").mkdir(parents=True)
+    (ckpt / "main-e0000-s00000010" / "mp_rank_00_model_states.pt").write_bytes(b"states")
+    write_file_manifest(ckpt / "main-e0000-s00000010")  # complete: the newest good one
+    (ckpt / "main-e0000-s00000015").mkdir()  # a save that did not finish
     with torch.no_grad():
         engine.module.head.weight[0, 0] = float("inf")
     with pytest.raises(NonFiniteTraining, match=r"the student's weights hold NaN/inf; stopped before "
-                                                r"checkpointing step 20, .* last good checkpoint: main_e0_s10\."):
+                                                r"checkpointing step 20, .* last good checkpoint: main-e0000-s00000010\."):
         trainer._after_step(engine, Position(0, 1, 20), epoch_end=True)
     assert trainer.ckpt.saved == []
