@@ -17,7 +17,6 @@ an error naming the file. Only the newest `keep` checkpoints are kept.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from data_pipeline.shard_format import sha256_file
 from launcher.dist import average_batchnorm_stats, barrier
 
 TAG = re.compile(r"^(?P<stage>[\w-]+?)-e(?P<epoch>\d{4})(b(?P<batch>\d{5}))?-s(?P<step>\d{8})$")
@@ -38,18 +38,10 @@ class CheckpointDamaged(RuntimeError):
     """A checkpoint tag that is incomplete or whose files differ from its files.json."""
 
 
-def _sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_file_manifest(tag_dir: Path) -> None:
     """Record every file of a saved tag (size, sha256) in files.json, atomically: the mark that
     the checkpoint is complete."""
-    files = {str(f.relative_to(tag_dir)): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+    files = {str(f.relative_to(tag_dir)): {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
              for f in sorted(tag_dir.rglob("*")) if f.is_file() and f.name != FILES
              and not f.name.endswith(".part")}
     tmp = tag_dir / (FILES + ".part")
@@ -78,7 +70,7 @@ def check_complete(tag_dir: Path) -> None:
         if size != want["bytes"]:
             raise CheckpointDamaged(f"{f}: {size} bytes, {FILES} records {want['bytes']} "
                                     f"(truncated or overwritten)")
-        if _sha256(f) != want["sha256"]:
+        if sha256_file(f) != want["sha256"]:
             raise CheckpointDamaged(f"{f}: sha256 differs from the one {FILES} records (the file "
                                     f"was changed after the save)")
 
