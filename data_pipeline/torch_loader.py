@@ -20,6 +20,7 @@ from torchvision.transforms import v2 as T
 from data_pipeline.loader_common import AugmentSpec, batches_per_epoch, split_shards
 from data_pipeline.read_checks import DamagedSample, DamagedShard
 from data_pipeline.shard_format import ID_EXT, LABEL_EXT, label_problem
+from data_pipeline.verify_shards import decode_error
 
 
 def read_index(tar: str, idx: str):
@@ -84,7 +85,7 @@ class ShardSamples(Dataset):
                 pil = Image.open(io.BytesIO(raw))
                 pil.load()
             except Exception as e:  # PIL raises many types for damaged data
-                raise ValueError(f"image does not decode: {e}") from None
+                raise ValueError(f"image does not decode: {decode_error(e)}") from None
             if pil.size != (self.stored, self.stored):
                 raise ValueError(f"image is {pil.size}, the manifest says ({self.stored}, {self.stored})")
             img = torch.from_numpy(np.array(pil.convert("L"))).unsqueeze(0)

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import sys
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from data_pipeline.manifest import read_manifest
 from data_pipeline.shard_format import (ID_EXT, LABEL_EXT, META_EXT, dali_index, decode_label,
@@ -41,6 +42,13 @@ class Problem:
             f"{self.shard}: {self.message}"
 
 
+def decode_error(e: Exception) -> str:
+    """PIL's reason an image does not decode, without the in-memory buffer's repr it names."""
+    if isinstance(e, UnidentifiedImageError):
+        return "PIL cannot identify the image format (the header is damaged or not an image)"
+    return re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the member", str(e)) or type(e).__name__
+
+
 def _image_problem(data: bytes, ext: str, size: int) -> str | None:
     if ext == "raw":
         ok = len(data) == size * size
@@ -49,7 +57,7 @@ def _image_problem(data: bytes, ext: str, size: int) -> str | None:
         img = Image.open(io.BytesIO(data))
         img.load()
     except Exception as e:  # PIL raises many types for damaged data
-        return f"image does not decode: {e}"
+        return f"image does not decode: {decode_error(e)}"
     if img.format != PIL_FORMAT[ext] or img.mode != "L" or img.size != (size, size):
         return f"image is {img.format} {img.mode} {img.size}, expected {PIL_FORMAT[ext]} L ({size}, {size})"
     return None

@@ -106,6 +106,13 @@ class RunLock:
             return self
         raise RunDirLocked(f"{self.path}: could not take the lock (it keeps changing hands)")
 
+    def check_free(self) -> None:
+        """Raise RunDirLocked if a live process holds the lock; touch nothing (a stale lock stays)."""
+        holder = self._read_holder() if self.path.exists() else None
+        if holder is not None and self._stale(holder) is None:
+            raise RunDirLocked(f"run directory {self.path.parent} is in use by {describe(holder)}: "
+                               f"wait for it to end (lock file {self.path})")
+
     def _read_holder(self) -> dict | None:
         try:
             text = self.path.read_text()
@@ -192,14 +199,20 @@ def clear_run_dir(run_dir) -> None:
 def claim_run_dir(run_dir, resume: str, overwrite: bool, what: str) -> RunLock:
     """Lock `run_dir` for a run started with `--resume resume`; a new run (`none`) over an
     earlier one is refused unless `overwrite`, which clears the directory first."""
-    lock = RunLock(run_dir, what).acquire()
-    try:
+    def refuse_earlier_run():
         before = earlier_run(run_dir) if resume == "none" else None
         if before and not overwrite:
             raise RunDirLocked(f"run directory {run_dir} holds an earlier run: {before}. Continue it "
                                f"with --resume auto, choose another run.name, or replace it with "
                                f"--overwrite")
-        if before:
+        return before
+
+    lock = RunLock(run_dir, what)
+    lock.check_free()  # a live holder is named first
+    refuse_earlier_run()  # before taking a stale lock over: a refused run leaves everything as it was
+    lock.acquire()
+    try:
+        if before := refuse_earlier_run():  # again under the lock: a run may have finished meanwhile
             clear_run_dir(run_dir)
     except BaseException:
         lock.release()

@@ -80,6 +80,23 @@ def test_a_new_run_over_an_earlier_one_is_refused_unless_overwrite(tmp_path):
     lock.release()
 
 
+def test_a_refused_run_over_a_killed_one_leaves_its_stale_lock_and_a_live_holder_is_named_first(tmp_path):
+    (tmp_path / "checkpoints" / "main-e0000-s00000004").mkdir(parents=True)
+    stale = json.dumps({"host": run_lock.socket.gethostname(), "pid": os.getpid(), "proc_start": "1",
+                        "started": "then"})
+    (tmp_path / LOCK).write_text(stale)
+    with pytest.raises(RunDirLocked, match="holds an earlier run: checkpoints"):
+        claim_run_dir(tmp_path, "none", False, "test")
+    assert (tmp_path / LOCK).read_text() == stale  # not taken over by a run that did not start
+    with RunLock(tmp_path / "live", "distill.py distill"):
+        (tmp_path / "live" / "metrics.json").write_text("{}")
+        with pytest.raises(RunDirLocked, match=rf"in use by pid {os.getpid()}"):
+            claim_run_dir(tmp_path / "live", "none", False, "test")
+    lock = claim_run_dir(tmp_path, "auto", False, "test")  # --resume auto takes the stale lock over
+    assert "no longer running" in lock.took_over["why"]
+    lock.release()
+
+
 def test_an_empty_run_directory_or_an_empty_checkpoints_folder_is_no_earlier_run(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "config.yaml").write_text("run: {}\n")
