@@ -65,7 +65,7 @@ def test_a_run_directory_in_use_refuses_a_second_run_and_a_finished_one_needs_ov
     assert re.fullmatch(rf"error: run directory {re.escape(str(tmp_path / 'student'))} holds an earlier run: "
                         rf"(\S+, )*checkpoints(, \S+)* \(last written .*\)\. Continue it with --resume auto, choose another run.name, "
                         rf"or replace it with --overwrite", _one_error_line(fresh))
-    assert not (tmp_path / "student" / "run.lock").exists()  # the killed holder's stale lock: taken, released
+    assert json.loads((tmp_path / "student" / "run.lock").read_text()) == lock  # the killed holder's stale lock: left
     assert tags_newest_first(tmp_path / "student" / "checkpoints") == tags  # nothing lost
     # ... unless asked: --overwrite starts afresh
     over = run(python_cmd(*_args(cxr_shards, tmp_path, random_teacher, "train.max_steps=2"), "--overwrite"))
