@@ -86,9 +86,7 @@ class RunLock:
                     continue
                 why = self._stale(holder)
                 if why is None:
-                    raise RunDirLocked(f"run directory {self.path.parent} is in use by "
-                                       f"{describe(holder)}: wait for it to end (lock file "
-                                       f"{self.path})") from None
+                    raise self._in_use(holder) from None
                 aside = self.path.with_name(f"{LOCK}.stale-{os.getpid()}")
                 try:
                     os.rename(self.path, aside)  # only one of several racing processes succeeds
@@ -108,10 +106,13 @@ class RunLock:
 
     def check_free(self) -> None:
         """Raise RunDirLocked if a live process holds the lock; touch nothing (a stale lock stays)."""
-        holder = self._read_holder() if self.path.exists() else None
+        holder = self._read_holder()
         if holder is not None and self._stale(holder) is None:
-            raise RunDirLocked(f"run directory {self.path.parent} is in use by {describe(holder)}: "
-                               f"wait for it to end (lock file {self.path})")
+            raise self._in_use(holder)
+
+    def _in_use(self, holder: dict) -> RunDirLocked:
+        return RunDirLocked(f"run directory {self.path.parent} is in use by {describe(holder)}: "
+                            f"wait for it to end (lock file {self.path})")
 
     def _read_holder(self) -> dict | None:
         try:
