@@ -11,7 +11,9 @@ Why these choices (docs/design.md, "Library behaviour the code relies on"):
 * `pad_last_batch=True` with `reader_name` on the iterator and `LastBatchPolicy.FILL` gives every
   rank the same number of iterations (that of the largest shard): unequal counts hang ZeRO's
   collectives. The padding repeats the shard's last sample; evaluation drops the repeats by `sid`.
-* The reader is given each shard's index so it does not scan every tar at start-up.
+* The reader is given each shard's index so it does not scan every tar at start-up. It reads each
+  sample at the offsets the index gives, so damaged samples to skip (`skip`) are left out of a
+  copy of the index and never read (`_kept_indexes`).
 * Labels and ids are read as raw uint8 / int64 members, no decoding (see `shard_format.py`).
 * `random_shuffle` only mixes inside a buffer of `initial_fill` samples; the shard builder shuffled
   globally, and the shard a rank reads rotates with `epoch`, so the mix is good.
@@ -20,13 +22,16 @@ Why these choices (docs/design.md, "Library behaviour the code relies on"):
 """
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from data_pipeline.loader_common import AugmentSpec, split_shards
-from data_pipeline.read_checks import DamagedSample, first_damaged_sample
+from data_pipeline.read_checks import DamagedSample, first_damaged_sample, read_keyed_index
 from data_pipeline.shard_format import label_problem
 
 
@@ -43,6 +48,7 @@ class DaliLoader:
     tars: list = field(default_factory=list)
     manifest: dict = field(default_factory=dict)
     split: str = ""
+    skip: frozenset = frozenset()
 
     def __iter__(self):
         classes, multilabel = len(self.manifest["label_names"]), self.manifest["multilabel"]
@@ -53,7 +59,7 @@ class DaliLoader:
             except StopIteration:
                 break
             except Exception as e:  # DALI raises RuntimeError with the C++ stack in the message
-                raise _damaged(e, self.tars, self.manifest, self.split) from None
+                raise _damaged(e, self.tars, self.manifest, self.split, self.skip) from None
             b = out[0]
             labels = b["label"].numpy()
             if labels.shape[1:] != (classes,) or labels.max(initial=0) > 1 or \
@@ -64,8 +70,6 @@ class DaliLoader:
 
     def _bad_label(self, labels, sids, classes, multilabel) -> str:
         """The message for the first sample of a batch whose label vector cannot be trained on."""
-        from data_pipeline.torch_loader import read_keyed_index
-
         for row, sid in zip(labels, sids):
             why = label_problem(row, classes, multilabel)
             if why is None:
@@ -87,11 +91,12 @@ class DaliLoader:
 def build_dali_loader(shard_dir, split: str, *, batch_size: int, image_size: int, train: bool,
                       rank: int = 0, world_size: int = 1, device_id: int | None = None,
                       num_threads: int = 1, seed: int = 0, augment: AugmentSpec | None = None,
-                      prefetch: int = 2, epoch: int = 0) -> DaliLoader:
+                      prefetch: int = 2, epoch: int = 0, skip: frozenset = frozenset()) -> DaliLoader:
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
     manifest, tars, idxs = split_shards(shard_dir, split)
+    read_tars, read_idxs = _kept_indexes(tars, idxs, skip) if skip else (tars, idxs)
     ext = manifest["image"]["ext"]
     stored = manifest["image"]["size"]
     aug = augment if (train and augment is not None) else AugmentSpec.none()
@@ -101,7 +106,7 @@ def build_dali_loader(shard_dir, split: str, *, batch_size: int, image_size: int
     @pipeline_def(enable_conditionals=False)
     def pipe():
         raw, label, sid = fn.readers.webdataset(
-            paths=tars, index_paths=idxs, ext=[ext, "lbl", "sid"],
+            paths=read_tars, index_paths=read_idxs, ext=[ext, "lbl", "sid"],
             dtypes=[types.UINT8, types.UINT8, types.INT64], missing_component_behavior="error",
             shard_id=(rank + epoch) % world_size, num_shards=world_size, random_shuffle=train,
             initial_fill=1024, stick_to_shard=True,
@@ -136,14 +141,41 @@ def build_dali_loader(shard_dir, split: str, *, batch_size: int, image_size: int
         it = DALIGenericIterator([p], ["image", "label", "sid"], reader_name="reader",
                                  last_batch_policy=LastBatchPolicy.FILL, auto_reset=False)
     except Exception as e:
-        raise _damaged(e, tars, manifest, split) from None
-    return DaliLoader(it, len(it), tars, manifest, split)
+        raise _damaged(e, tars, manifest, split, skip) from None
+    return DaliLoader(it, len(it), tars, manifest, split, skip)
 
 
-def _damaged(error: Exception, tars, manifest: dict, split: str) -> Exception:
+_KEPT_DIR: list[Path] = []  # this process's directory of filtered index copies, removed at exit
+_KEPT: dict = {}  # (index, skip) -> the copy's path, or None when the shard keeps no sample
+
+
+def _kept_indexes(tars, idxs, skip: frozenset) -> tuple[list, list]:
+    """(tars, index paths) with copies of the indexes that leave out the samples whose keys are in
+    `skip` (a shard left with no sample is dropped); written once per process."""
+    if not _KEPT_DIR:
+        _KEPT_DIR.append(Path(tempfile.mkdtemp(prefix="rms-dali-kept-")))
+        atexit.register(shutil.rmtree, _KEPT_DIR[0], True)
+    out_tars, out_idxs = [], []
+    for tar, idx in zip(tars, idxs):
+        if (idx, skip) not in _KEPT:
+            lines = Path(idx).read_text().splitlines()[1:]
+            kept = [ln for ln, (_, key, _) in zip(lines, read_keyed_index(tar, idx)) if key not in skip]
+            copy = _KEPT_DIR[0] / f"{len(_KEPT):05d}-{Path(idx).name}"
+            if kept:
+                copy.write_text(f"v1.2 {len(kept)}\n" + "".join(ln + "\n" for ln in kept))
+            _KEPT[idx, skip] = copy if kept else None
+        if _KEPT[idx, skip] is not None:
+            out_tars.append(tar)
+            out_idxs.append(str(_KEPT[idx, skip]))
+    if not out_tars:
+        raise ValueError(f"every sample of {', '.join(tars)} is damaged: nothing is left to read")
+    return out_tars, out_idxs
+
+
+def _damaged(error: Exception, tars, manifest: dict, split: str, skip: frozenset = frozenset()) -> Exception:
     """A pipeline failure as a DamagedSample naming the shard and sample behind it (found by
-    re-reading the shards), or the original error when every sample reads."""
-    found = first_damaged_sample(tars, manifest, split)
+    re-reading the shards, passing over those skipped), or the original error when every sample reads."""
+    found = first_damaged_sample(tars, manifest, split, skip)
     if found is None:
         return error
     lines = [ln.strip() for ln in str(error).splitlines()

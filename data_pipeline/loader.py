@@ -7,8 +7,9 @@ from data_pipeline.loader_common import AugmentSpec
 def build_loader(shard_dir, split: str, *, backend: str, batch_size: int, image_size: int,
                  train: bool, rank: int = 0, world_size: int = 1, device_id: int | None = None,
                  num_threads: int = 1, seed: int = 0, augment: AugmentSpec | None = None,
-                 epoch: int = 0):
+                 epoch: int = 0, skip: frozenset = frozenset()):
     """backend: "dali" (GPU when device_id is set, else DALI's CPU-only mode), "torch", or "auto".
+    `skip`: keys of damaged samples to leave out (the same on every rank: launcher/read_faults.py).
 
     `epoch` fixes the data order: the shard a rank reads rotates with it and the shuffle seed is
     derived from (seed, epoch, rank), so a loader rebuilt for epoch e after a restart yields the same
@@ -21,13 +22,13 @@ def build_loader(shard_dir, split: str, *, backend: str, batch_size: int, image_
         return build_dali_loader(shard_dir, split, batch_size=batch_size, image_size=image_size,
                                  train=train, rank=rank, world_size=world_size, device_id=device_id,
                                  num_threads=num_threads, seed=seed, augment=augment,
-                                 epoch=epoch)
+                                 epoch=epoch, skip=skip)
     if backend == "torch":
         from data_pipeline.torch_loader import build_torch_loader
         return build_torch_loader(shard_dir, split, batch_size=batch_size, image_size=image_size,
                                   train=train, rank=rank, world_size=world_size,
                                   num_workers=max(0, num_threads - 1), seed=seed, augment=augment,
-                                  epoch=epoch)
+                                  epoch=epoch, skip=skip)
     raise ValueError(f"data.loader must be dali, torch or auto, got {backend!r}")
 
 

@@ -10,6 +10,12 @@
   its pipeline, so its loader checks the labels of every batch and, when the pipeline itself fails,
   finds the damaged sample by re-reading the rank's shard (`first_damaged_sample`).
 
+* Skipping instead of stopping (`data.on_damaged: skip`, `scan_samples`): every sample of the
+  splits used is read once before the run, through the DALI index (by offset, as both loaders read
+  it, so a damaged tar header does not hide the samples after it), and checked as the build checks
+  it; the loaders are then given the keys to leave out. This costs one CPU decode of the dataset,
+  split across ranks.
+
 `python -m data_pipeline.build_shards --verify-only --out DIR` checks a whole shard directory and
 lists every problem (data_pipeline/verify_shards.py); this module stops at the first.
 """
@@ -32,28 +38,45 @@ class DamagedShard(ValueError):
     """A shard file that differs from the manifest: the message names the file."""
 
 
+def read_keyed_index(tar: str, idx: str):
+    """[(tar, sample key, {ext: (offset, size)})] per sample, from a DALI v1.2 index (`ext offset
+    size name` per member; the key is the name without its extension)."""
+    out = []
+    for n, line in enumerate(Path(idx).read_text().splitlines()[1:], start=2):
+        f = line.split()
+        if not f or len(f) % 4:
+            raise DamagedShard(f"{idx}: line {n} is not a DALI index entry; rebuild the shards")
+        key = Path(f[3]).name.split(".", 1)[0]
+        out.append((tar, key, {f[i]: (int(f[i + 1]), int(f[i + 2])) for i in range(0, len(f), 4)}))
+    return out
+
+
 def check_shard_files(shard_dir, manifest: dict, splits, mode: str = "sha256", rank: int = 0,
-                      world_size: int = 1) -> list[str]:
+                      world_size: int = 1, changed: list | None = None) -> list[str]:
     """Problems (one line each, naming the file) with this rank's share of the shards of `splits`:
-    shard i of the combined list is checked by rank i % world_size. Empty when all is well."""
+    shard i of the combined list is checked by rank i % world_size. Empty when all is well. With a
+    `changed` list, a shard whose size or sha256 differs from the manifest is noted there instead
+    (its samples are then scanned one by one: `scan_samples`); a missing file stays a problem."""
     if mode not in VERIFY_MODES:
         raise ValueError(f"data.verify must be one of {', '.join(VERIFY_MODES)}, got {mode!r}")
     if mode == "none":
         return []
     shards = [s for split in dict.fromkeys(splits) for s in manifest["splits"][split]["shards"]]
     problems = []
+    differs = problems if changed is None else changed
     for shard in shards[rank::world_size]:
         path = Path(shard_dir) / shard["name"]
         if not path.is_file():
             problems.append(f"{path}: shard listed in the manifest is missing")
-        elif (size := path.stat().st_size) != shard["bytes"]:
-            problems.append(f"{path}: {size} bytes, the manifest records {shard['bytes']} (truncated or "
-                            f"replaced after the build)")
-        elif mode == "sha256" and sha256_file(path) != shard["sha256"]:
-            problems.append(f"{path}: sha256 differs from the manifest (the shard was changed after the "
-                            f"build)")
-        elif not (Path(shard_dir) / shard["index"]).is_file():
+            continue
+        if not (Path(shard_dir) / shard["index"]).is_file():
             problems.append(f"{Path(shard_dir) / shard['index']}: DALI index listed in the manifest is missing")
+        if (size := path.stat().st_size) != shard["bytes"]:
+            differs.append(f"{path}: {size} bytes, the manifest records {shard['bytes']} (truncated or "
+                           f"replaced after the build)")
+        elif mode == "sha256" and sha256_file(path) != shard["sha256"]:
+            differs.append(f"{path}: sha256 differs from the manifest (the shard was changed after the "
+                           f"build)")
     return problems
 
 
@@ -62,14 +85,16 @@ def shard_hint(shard_dir) -> str:
             f"--verify-only --out {shard_dir}")
 
 
-def first_damaged_sample(tars, manifest: dict, split: str) -> str | None:
-    """'SHARD: sample KEY: what' for the first sample of `tars` that fails the build's checks
-    (data_pipeline/verify_shards.py), or None when every sample reads."""
+def first_damaged_sample(tars, manifest: dict, split: str, skip: frozenset = frozenset()) -> str | None:
+    """'SHARD: sample KEY: what' for the first sample of `tars` (keys in `skip` passed over) that
+    fails the build's checks (data_pipeline/verify_shards.py), or None when every sample reads."""
     image = manifest["image"]
     for tar in tars:
         key = None
         try:
             for key, members in read_shard(Path(tar)):
+                if key in skip:
+                    continue
                 found = sample_problems(key, members, image["ext"], image["size"],
                                         len(manifest["label_names"]), manifest["multilabel"], split)
                 if found:
@@ -77,3 +102,32 @@ def first_damaged_sample(tars, manifest: dict, split: str) -> str | None:
         except (tarfile.TarError, OSError, ValueError, EOFError) as e:
             return f"{tar}: {'after sample ' + key if key else 'first sample'}: tar unreadable: {e}"
     return None
+
+
+def scan_samples(shard_dir, manifest: dict, splits, rank: int = 0, world_size: int = 1) -> list[tuple]:
+    """(split, key, 'SHARD: sample KEY: what') for every damaged sample of this rank's share of the
+    shards of `splits` (shard i of the combined list is rank i % world_size's), read by the offsets
+    of the DALI index the loaders use and checked as the build checks it. An index that does not
+    parse is a DamagedShard: without it no sample of the shard can be found."""
+    image, found = manifest["image"], []
+    shards = [(split, s) for split in dict.fromkeys(splits) for s in manifest["splits"][split]["shards"]]
+    for split, shard in shards[rank::world_size]:
+        tar, idx = Path(shard_dir) / shard["name"], Path(shard_dir) / shard["index"]
+        size = tar.stat().st_size
+        with open(tar, "rb") as f:
+            for _, key, where in read_keyed_index(str(tar), str(idx)):
+                past = [ext for ext, (offset, n) in where.items() if offset + n > size]
+                if past:
+                    verb = "lies" if len(past) == 1 else "lie"
+                    found.append((split, key, f"{tar}: sample {key}: .{', .'.join(past)} {verb} past the "
+                                              f"end of the file ({size} bytes: truncated)"))
+                    continue
+                members = {}
+                for ext, (offset, n) in where.items():
+                    f.seek(offset)
+                    members[ext] = f.read(n)
+                problems = sample_problems(key, members, image["ext"], image["size"],
+                                           len(manifest["label_names"]), manifest["multilabel"], split)
+                if problems:
+                    found.append((split, key, f"{tar}: sample {key}: {problems[0]}"))
+    return found

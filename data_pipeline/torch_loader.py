@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
 
 from data_pipeline.loader_common import AugmentSpec, batches_per_epoch, split_shards
-from data_pipeline.read_checks import DamagedSample, DamagedShard
+from data_pipeline.read_checks import DamagedSample, read_keyed_index
 from data_pipeline.shard_format import ID_EXT, LABEL_EXT, label_problem
 from data_pipeline.verify_shards import decode_error
 
@@ -28,25 +28,13 @@ def read_index(tar: str, idx: str):
     return [(t, members) for t, _, members in read_keyed_index(tar, idx)]
 
 
-def read_keyed_index(tar: str, idx: str):
-    """[(tar, sample key, {ext: (offset, size)})] per sample, from a DALI v1.2 index (`ext offset
-    size name` per member; the key is the name without its extension)."""
-    out = []
-    for n, line in enumerate(Path(idx).read_text().splitlines()[1:], start=2):
-        f = line.split()
-        if not f or len(f) % 4:
-            raise DamagedShard(f"{idx}: line {n} is not a DALI index entry; rebuild the shards")
-        key = Path(f[3]).name.split(".", 1)[0]
-        out.append((tar, key, {f[i]: (int(f[i + 1]), int(f[i + 2])) for i in range(0, len(f), 4)}))
-    return out
-
-
 class ShardSamples(Dataset):
-    def __init__(self, shard_dir, split: str, image_size: int, augment: AugmentSpec | None):
+    def __init__(self, shard_dir, split: str, image_size: int, augment: AugmentSpec | None,
+                 skip: frozenset = frozenset()):
         manifest, tars, idxs = split_shards(shard_dir, split)
         self.ext, self.stored = manifest["image"]["ext"], manifest["image"]["size"]
         self.classes, self.multilabel = len(manifest["label_names"]), manifest["multilabel"]
-        self.samples = [s for t, i in zip(tars, idxs) for s in read_keyed_index(t, i)]
+        self.samples = [s for t, i in zip(tars, idxs) for s in read_keyed_index(t, i) if s[1] not in skip]
         self.image_size = image_size
         aug = augment or AugmentSpec.none()
         ops = []
@@ -133,10 +121,13 @@ class RankSampler(torch.utils.data.Sampler):
 
 def build_torch_loader(shard_dir, split: str, *, batch_size: int, image_size: int, train: bool,
                        rank: int = 0, world_size: int = 1, num_workers: int = 0, seed: int = 0,
-                       augment: AugmentSpec | None = None, epoch: int = 0) -> DataLoader:
-    ds = ShardSamples(shard_dir, split, image_size, augment if train else None)
+                       augment: AugmentSpec | None = None, epoch: int = 0,
+                       skip: frozenset = frozenset()) -> DataLoader:
+    """`skip`: sample keys left out (data.on_damaged: skip), on every rank the same."""
+    ds = ShardSamples(shard_dir, split, image_size, augment if train else None, skip)
     if len(ds) < world_size:
-        raise ValueError(f"{shard_dir}: split {split!r} has {len(ds)} samples, fewer than the "
+        left = f" once {len(skip)} damaged ones are skipped" if skip else ""
+        raise ValueError(f"{shard_dir}: split {split!r} has {len(ds)} samples{left}, fewer than the "
                          f"{world_size} ranks it must be split over")
     sampler = RankSampler(len(ds), rank, world_size, batch_size, shuffle=train, seed=seed, epoch=epoch)
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers,

@@ -70,7 +70,15 @@ class DataConfig:
     """Before a run reads them, check each shard of its splits against the manifest: size and
     sha256 (`sha256`, every byte read once, split across ranks), size only (`size`, for datasets too
     large to hash at every start), or not at all (`none`). Damaged samples met while reading stop
-    the run naming shard and sample whatever this says."""
+    the run naming shard and sample unless `on_damaged: skip`."""
+    on_damaged: Literal["stop", "skip"] = "stop"
+    """A damaged sample (an image that does not decode, a label vector that is not 0/1, a member
+    missing or cut off): `stop` the run with one line naming shard and sample, or `skip` it. With
+    `skip`, every sample of the splits used is read and checked once before the run (one CPU
+    decode of the dataset, split across ranks; a shard that differs from the manifest is then a
+    warning, not an error), and the damaged ones are left out by both loaders on every rank; they
+    are counted in TensorBoard (`data/skipped/<split>`) and metrics.json, and listed in
+    `skipped_samples.json` in the run directory."""
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"

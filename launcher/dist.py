@@ -232,14 +232,19 @@ def release_shm_names(rank: int) -> None:
     shm_segment(rank).unlink(missing_ok=True)
 
 
+def all_gather_objects(obj) -> list:
+    """Collective: every rank's picklable `obj`, in rank order, on every rank."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return [obj]
+    found = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(found, obj)
+    return found
+
+
 def first_error(message: str | None) -> str | None:
     """Collective: the lowest rank's error message (None where a rank has none), the same on
     every rank, so that all of them stop together on an error some rank found."""
-    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
-        return message
-    found = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(found, message)
-    return next((m for m in found if m), None)
+    return next((m for m in all_gather_objects(message) if m), None)
 
 
 def barrier() -> None:

@@ -38,7 +38,7 @@ from launcher.model_loading import CheckpointError, check_teacher_file
 from launcher.monitor import Monitor, NullMonitor
 from launcher.nonfinite import EXIT_NONFINITE, NonFiniteTraining
 from launcher.preemption import EXIT_PREEMPTED, PREEMPTED_MARKER, Preempted, StopRequest
-from launcher.read_faults import agreed_loader, check_shards, cpu_group
+from launcher.read_faults import SKIPPED_FILE, Skipped, agreed_loader, check_shards, cpu_group
 from launcher.report import final_report
 from launcher.run_lock import RunDirLocked, claim_run_dir, describe as describe_holder
 from launcher.trainer import Data, Run, Trainer
@@ -73,9 +73,10 @@ def check_inputs(cfg, args) -> dict:
     return manifest
 
 
-def make_loaders(cfg, env):
+def make_loaders(cfg, env, skipped: Skipped):
     """A train-loader factory (one loader per epoch: see data_pipeline.loader) and eval loaders,
-    each reading batches every rank agrees it has (launcher/read_faults.py)."""
+    each reading batches every rank agrees it has and leaving out the `skipped` samples
+    (launcher/read_faults.py)."""
     d, seed, group = cfg.data, cfg.run.seed, cpu_group()
     common = dict(backend=d.loader, batch_size=cfg.train.batch_size_per_gpu, image_size=d.image_size,
                   rank=env.rank, world_size=env.world_size, num_threads=d.num_threads,
@@ -87,10 +88,12 @@ def make_loaders(cfg, env):
             emulated = {k: v for k, v in common.items() if k not in ("rank", "world_size")}
             return agreed_loader(lambda: build_emulated_loader(
                 d.shards, d.train_split, virtual_world_size=d.emulate_world_size, train=True, seed=seed,
-                augment=augment, epoch=epoch, **emulated), group)
+                augment=augment, epoch=epoch, skip=skipped.keys(d.train_split), **emulated), group)
         return agreed_loader(lambda: build_loader(d.shards, d.train_split, train=True, seed=seed,
-                                                  augment=augment, epoch=epoch, **common), group)
-    evals = {s: agreed_loader(lambda s=s: build_loader(d.shards, s, train=False, seed=seed, **common), group)
+                                                  augment=augment, epoch=epoch,
+                                                  skip=skipped.keys(d.train_split), **common), group)
+    evals = {s: agreed_loader(lambda s=s: build_loader(d.shards, s, train=False, seed=seed,
+                                                       skip=skipped.keys(s), **common), group)
              for s in (d.val_split, d.test_split)}
     return train_for, evals
 
@@ -107,13 +110,23 @@ def build_teacher(cfg, classes: int, dtype):
     return teacher
 
 
-def open_run_dir(cfg, env):
-    """The run directory with this run's config (rank 0), and the monitor writing into it."""
-    if env.is_main:
-        cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        (cfg.run_dir / "config.yaml").write_text(dump_yaml(cfg))
-        (cfg.run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
-    return Monitor(cfg.run_dir / "tb") if env.is_main else NullMonitor()
+def open_run_dir(cfg, env, skipped: Skipped, step: int):
+    """The run directory with this run's config and the damaged samples it skips (rank 0), and
+    the monitor writing into it."""
+    splits = (cfg.data.train_split, cfg.data.val_split, cfg.data.test_split)
+    if not env.is_main:
+        return NullMonitor()
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    (cfg.run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    (cfg.run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
+    (cfg.run_dir / SKIPPED_FILE).unlink(missing_ok=True)
+    monitor = Monitor(cfg.run_dir / "tb")
+    if skipped.scanned:
+        where = skipped.write(cfg.run_dir, splits)
+        for line in skipped.report(splits, where):
+            monitor.print(line)
+        monitor.scalars({s: skipped.count(s) for s in dict.fromkeys(splits)}, step, "data/skipped/")
+    return monitor
 
 
 def describe(cfg, run: Run, env, resume_tag: str | None) -> str:
@@ -174,27 +187,28 @@ def main(argv=None) -> int:
         return stop_with(error, env, lock)
     try:  # before any loader reads them
         d = cfg.data
-        check_shards(d.shards, manifest, (d.train_split, d.val_split, d.test_split), d.verify,
-                     env.rank, env.world_size)
+        skipped = check_shards(d.shards, manifest, (d.train_split, d.val_split, d.test_split), d.verify,
+                               env.rank, env.world_size, d.on_damaged)
     except DamagedShard as e:
         return stop_with(str(e), env, lock)
     stop = StopRequest()  # SIGUSR1 (and SIGTERM under srun): checkpoint, exit 75
     torch.manual_seed(cfg.run.seed)
     try:
-        train_for, eval_loaders = make_loaders(cfg, env)
-    except DamagedSample as e:  # raised on every rank together
+        train_for, eval_loaders = make_loaders(cfg, env, skipped)
+    except (DamagedSample, ValueError) as e:  # raised on every rank together
         return stop_with(str(e), env, lock)
-    run = Run.plan(cfg, manifest, env.world_size, env.device.type == "cuda")
+    run = Run.plan(cfg, manifest, env.world_size, env.device.type == "cuda",
+                   skipped.count(cfg.data.train_split))
     teacher = build_teacher(cfg, len(manifest["label_names"]), run.teacher_dtype)
     checkpointer = Checkpointer(run.dir, cfg.train.keep_checkpoints, env.is_main)
     try:  # every rank reads the same files: they agree without a word
         resume_tag, start = checkpointer.resume_position(args.resume)
     except (CheckpointDamaged, FileNotFoundError) as e:
         return stop_with(str(e), env, lock)
-    monitor = open_run_dir(cfg, env)
+    monitor = open_run_dir(cfg, env, skipped, start.step)
     monitor.print(describe(cfg, run, env, resume_tag))
 
-    trainer = Trainer(cfg, run, env, Data(manifest, train_for, eval_loaders[cfg.data.val_split]),
+    trainer = Trainer(cfg, run, env, Data(manifest, train_for, eval_loaders[cfg.data.val_split], skipped),
                       teacher, checkpointer, monitor, stop)
     try:
         engine, step = trainer.fit(resume_tag, start)

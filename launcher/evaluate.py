@@ -62,6 +62,9 @@ def parse_args(argv=None):
     p.add_argument("--verify", choices=("sha256", "size", "none"), default=None,
                    help="check the shards against the manifest first (default: the run config's "
                         "data.verify, else sha256)")
+    p.add_argument("--on-damaged", choices=("stop", "skip"), default=None,
+                   help="a damaged sample stops the evaluation, or is skipped and counted (default: "
+                        "the run config's data.on_damaged, else stop)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed adds it
@@ -111,7 +114,7 @@ def evaluate(args, shards, manifest, loaded: LoadedModel, spec, teacher) -> int:
         rank, world = 0, 1
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        preds = score(args, shards, manifest, loaded, teacher, rank, world, device)
+        preds, skipped = score(args, shards, manifest, loaded, teacher, rank, world, device)
     except (DamagedShard, DamagedSample) as e:  # raised on every rank together
         if rank == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
@@ -120,22 +123,26 @@ def evaluate(args, shards, manifest, loaded: LoadedModel, spec, teacher) -> int:
         return 2
     if rank == 0:
         out = Path(args.out) if args.out else (loaded.run_dir or loaded.model_dir) / "eval" / args.split
-        report(args, loaded, spec, manifest, shards, preds, out, world)
+        report(args, loaded, spec, manifest, shards, (preds, skipped), out, world)
     barrier()
     shutdown()
     return 0
 
 
-def score(args, shards, manifest, loaded: LoadedModel, teacher, rank: int, world: int, device) -> dict:
-    """(model, split) -> (probs, targets, sids) on every rank, after the shards are checked;
-    collective (launcher/read_faults.py)."""
+def score(args, shards, manifest, loaded: LoadedModel, teacher, rank: int, world: int, device):
+    """((model, split) -> (probs, targets, sids), the damaged samples left out) on every rank,
+    after the shards are checked; collective (launcher/read_faults.py)."""
     from data_pipeline.loader import build_loader
     from launcher.engine import predict
     from launcher.read_faults import agreed_loader, check_shards, cpu_group
 
     splits = list(dict.fromkeys([args.val_split, args.split]))
-    check_shards(shards, manifest, splits, args.verify or (loaded.config.data.verify if loaded.config
-                                                           else "sha256"), rank, world)
+    config = loaded.config.data if loaded.config else None
+    skipped = check_shards(shards, manifest, splits, args.verify or (config.verify if config else "sha256"),
+                           rank, world, args.on_damaged or (config.on_damaged if config else "stop"))
+    if rank == 0:
+        for line in skipped.report(splits, None):
+            print(line, flush=True)
     group = cpu_group()
     models = {"student": loaded.model.to(device)}
     if teacher is not None:
@@ -148,22 +155,23 @@ def score(args, shards, manifest, loaded: LoadedModel, teacher, rank: int, world
             loader = agreed_loader(lambda: build_loader(
                 shards, split, backend=backend, batch_size=args.batch_size,
                 image_size=loaded.meta["image_size"], train=False, rank=rank, world_size=world,
-                num_threads=args.num_threads, seed=0,
+                num_threads=args.num_threads, seed=0, skip=skipped.keys(split),
                 device_id=device.index if device.type == "cuda" else None), group)
             preds[name, split] = predict(model.forward_logits, loader, device, manifest["multilabel"])
-    return preds
+    return preds, skipped
 
 
-def report(args, loaded: LoadedModel, spec, manifest, shards, preds, out: Path, world: int) -> dict:
-    """Rank 0: thresholds on validation, metrics on the split, JSON, figures, TensorBoard, table."""
-    split = args.split
+def report(args, loaded: LoadedModel, spec, manifest, shards, scored, out: Path, world: int) -> dict:
+    """Rank 0: thresholds on validation, metrics on the split, JSON, figures, TensorBoard, table.
+    `scored` = `score`'s (predictions, skipped samples)."""
+    (preds, skipped), split = scored, args.split
     roles = [m for m in ("student", "teacher") if (m, split) in preds]
     out.mkdir(parents=True, exist_ok=True)
     (out / "predictions").mkdir(exist_ok=True)
-    n = len(preds["student", split][0])
-    if n != manifest["splits"][split]["samples"]:  # engine.predict's dedupe guarantees this
-        raise RuntimeError(f"scored {n} samples of split {split!r}, the manifest lists "
-                           f"{manifest['splits'][split]['samples']}")
+    n, listed = len(preds["student", split][0]), manifest["splits"][split]["samples"]
+    if n != listed - skipped.count(split):  # engine.predict's dedupe guarantees this
+        raise RuntimeError(f"scored {n} samples of split {split!r}, the manifest lists {listed}"
+                           + (f" and {skipped.count(split)} were skipped" if skipped.count(split) else ""))
     thresholds = {m: choose_thresholds(preds[m, args.val_split], loaded, args.val_split, out,
                                        write=m == "student") for m in roles}
     for m in roles:
@@ -177,6 +185,8 @@ def report(args, loaded: LoadedModel, spec, manifest, shards, preds, out: Path, 
     doc = metrics_document("launcher/evaluate.py", manifest, shards, loaded.meta.get("step"), world,
                            args.val_split, {split: entry})
     doc["thresholds_file"] = THRESHOLDS
+    if skipped.scanned:
+        doc["skipped_samples"] = skipped.document(list(dict.fromkeys([args.val_split, split])))
 
     labels = {m: f"{m} ({entry['models'][m]['model']})" for m in roles}
     figures = make_figures(preds, doc, split, labels)

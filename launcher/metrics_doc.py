@@ -6,7 +6,9 @@ launcher/evaluate.py, built here and read through `model_result`.
      "thresholds": {"chosen_on": <val split>, "rule": ...},
      "splits": {<split>: {"samples", "patient_disjoint", "basis",
                           "models": {"student": <summary>, "teacher": <summary>},
-                          "student_minus_teacher": {"mean_auroc", "ci95", "method"}}}}
+                          "student_minus_teacher": {"mean_auroc", "ci95", "method"}}},
+     "skipped_samples": {"counts": {<split>: n}, "samples": [...], "shards_changed": [...]}}
+                                   (present when data.on_damaged / --on-damaged is skip)
 
 A training run reports its validation and test splits, evaluate.py the split it was asked for
 (evaluate.py adds `thresholds_file` and, per split, `figures`). A model's summary (`summarise`):

@@ -48,8 +48,12 @@ def run_document(trainer, scores: dict, step: int) -> dict:
                                   {role: (s[split]["probs"], s[split]["targets"]) for role, s in scores.items()},
                                   thresholds, models)  # evaluate.py's defaults: the same intervals
               for split in scores["student"]}
-    return metrics_document("launcher/distill.py", manifest, cfg.data.shards, step,
-                            trainer.env.world_size, val, splits)
+    doc = metrics_document("launcher/distill.py", manifest, cfg.data.shards, step,
+                           trainer.env.world_size, val, splits)
+    if trainer.data.skipped is not None and trainer.data.skipped.scanned:  # what the numbers leave out
+        doc["skipped_samples"] = trainer.data.skipped.document(
+            (cfg.data.train_split, cfg.data.val_split, cfg.data.test_split))
+    return doc
 
 
 def final_report(trainer, engine, step: int, eval_loaders: dict) -> dict:

@@ -46,11 +46,12 @@ class Run:
     teacher_dtype: torch.dtype | None
 
     @classmethod
-    def plan(cls, cfg, manifest: dict, world_size: int, cuda: bool) -> "Run":
-        """Steps per epoch from the manifest's sample count, the way the loaders split it over
-        ranks (the same count `len(loader)` gives, without building a loader)."""
+    def plan(cls, cfg, manifest: dict, world_size: int, cuda: bool, skipped: int = 0) -> "Run":
+        """Steps per epoch from the manifest's sample count less the `skipped` damaged ones, the
+        way the loaders split it over ranks (the same count `len(loader)` gives, without building
+        a loader)."""
         d, t = cfg.data, cfg.train
-        samples = manifest["splits"][d.train_split]["samples"]
+        samples = manifest["splits"][d.train_split]["samples"] - skipped
         if d.emulate_world_size > 1:  # one process replaying k ranks' batches in turn
             batches = batches_per_epoch(samples, d.emulate_world_size, t.batch_size_per_gpu) \
                 * d.emulate_world_size
@@ -68,10 +69,12 @@ class Run:
 
 @dataclass(frozen=True)
 class Data:
-    """The manifest, a train-loader factory (one loader per epoch) and the validation loader."""
+    """The manifest, a train-loader factory (one loader per epoch), the validation loader, and the
+    damaged samples the loaders leave out (launcher.read_faults.Skipped)."""
     manifest: dict
     train_for: Callable[[int], object]
     val: object
+    skipped: object = None
 
 
 def build_task(cfg, stage, manifest: dict, teacher) -> DistillTask:
