@@ -22,6 +22,7 @@ from data_pipeline.adapters import SPLITS, DatasetIndex, Record
 from data_pipeline.build_state import SplitProgress
 from data_pipeline.image_io import BadImage, prepare
 from data_pipeline.manifest import synthetic_marker
+from data_pipeline.disk import DiskFull, disk_full, out_of_space
 from data_pipeline.shard_format import IMAGE_EXT, ShardWriter, sample_members
 
 FORMAT_VERSION = 1
@@ -100,6 +101,7 @@ def write_shards(todo: list[PlannedShard], first_sid, out: Path, index: DatasetI
     results = iter(pool.map(work, records, chunksize=16) if pool else map(work, records))
     ext, n_classes = IMAGE_EXT[args.format], len(index.label_names)
     bar = tqdm(total=len(records), desc=desc, unit="img", disable=args.quiet, file=sys.stderr)
+    seen, written = 0, [0, 0]  # records read; bytes and samples of the shards closed so far
     for planned in todo:
         result = ShardResult(planned, first_sid(planned), None, [],
                              np.zeros(n_classes, dtype=np.int64), set())
@@ -107,6 +109,7 @@ def write_shards(todo: list[PlannedShard], first_sid, out: Path, index: DatasetI
         try:
             for position in range(planned.start, planned.end):
                 record, image, reason = next(results)
+                seen += 1
                 bar.update()
                 if reason is not None:
                     result.rejected.append({"input": str(record.path), "reason": reason,
@@ -129,13 +132,33 @@ def write_shards(todo: list[PlannedShard], first_sid, out: Path, index: DatasetI
                 result.patients.add(record.patient)
             if writer is not None:
                 result.entry = writer.close()
-        except BaseException:
+        except BaseException as e:
             if writer is not None:
                 writer.abort()
             bar.close()
+            if out_of_space(e, out):
+                lost = writer.samples if writer is not None else 0
+                raise _disk_full(out / planned.name, written, writer, len(records) - seen + lost) from None
             raise
+        if result.entry is not None:
+            written[0] += result.entry["bytes"]
+            written[1] += result.entry["samples"]
         done(result)
     bar.close()
+
+
+def _disk_full(shard: Path, written: list, writer, samples_left: int) -> DiskFull:
+    """The error for a shard write that found the disk full: its path (the `.part` is already
+    removed), the bytes free, and the bytes the rest of the build needs at the mean sample size
+    written so far."""
+    if written[1]:
+        per_sample = written[0] / written[1]
+    else:  # the first shard: its bytes so far (the tar was closed by abort)
+        per_sample = writer.tar.offset / writer.samples if writer is not None and writer.samples else None
+    needed = int(per_sample * samples_left) if per_sample else None
+    error = disk_full(shard, needed, " to finish the build")
+    return DiskFull(f"{error}; the unfinished shard was removed: free space and run the same command "
+                    f"again (the build resumes after its last complete shard)")
 
 
 def split_entry(progress: SplitProgress, label_names) -> dict:

@@ -55,6 +55,7 @@ import sys
 import time
 from pathlib import Path
 
+from data_pipeline.cli import add_debug_flag, fail, run_cli
 from data_pipeline import slices
 from data_pipeline.adapters import SPLITS, load_dataset
 from data_pipeline.build_plan import (SLICES_DIR, ShardResult, adapter_options, build_parameters,
@@ -197,6 +198,7 @@ def parse_args(argv=None):
     g.add_argument("--test-fraction", type=float, default=0.1,
                    help="of patients, without --split-column")
     g.add_argument("--delimiter", type=_delimiter, default=",", help="CSV field separator")
+    add_debug_flag(p)
     a = p.parse_args(argv)
     _check_slicing(p, a)
     if a.size < 16 or a.shard_size < 1 or a.workers < 1 or not 1 <= a.jpeg_quality <= 100:
@@ -238,13 +240,13 @@ def main(argv=None) -> None:
         try:
             slices.build_slice(args) if args.slice is not None else slices.merge(args)
         except (FileNotFoundError, ValueError, MissingDependency) as e:
-            raise SystemExit(f"error: {e}") from None
+            fail(e, args.debug)
         return
     if not args.verify_only:
         try:
             m = build(args)
         except (FileNotFoundError, ValueError, MissingDependency) as e:
-            raise SystemExit(f"error: {e}") from None
+            fail(e, args.debug)
         s = m["summary"]
         counts = ", ".join(f"{k} {v['samples']} ({v['patients']} patients, {len(v['shards'])} shards)"
                            for k, v in m["splits"].items())
@@ -257,8 +259,8 @@ def main(argv=None) -> None:
         try:
             verify_or_exit(Path(args.out), args.quiet)
         except (FileNotFoundError, ValueError) as e:
-            raise SystemExit(f"error: {e}") from None
+            fail(e, args.debug)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline.adapters import DatasetIndex
+from data_pipeline.disk import write_atomic
 from data_pipeline.manifest import MANIFEST
 from data_pipeline.shard_format import dali_index, sha256_file
 
@@ -130,9 +130,7 @@ class BuildState:
         state = {"version": STATE_VERSION, "params_sha256": self.digest, "done": self.done,
                  "current": ({"split": self.current[0], **self.current[1]} if self.current else None),
                  "rejected": self.rejected}
-        tmp = self.path.with_name(self.path.name + ".part")
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, self.path)
+        write_atomic(self.path, json.dumps(state))
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)

@@ -22,6 +22,21 @@ def is_disk_full(error: BaseException) -> bool:
     return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
+# torch.save's zip writer reports a short write as a RuntimeError, not an OSError
+TORCH_SHORT_WRITE = ("unexpected pos", "file write failed", "PytorchStreamWriter failed")
+
+
+def out_of_space(error: BaseException, path: Path, margin: int = 64 << 20) -> bool:
+    """Whether writing under `path` failed for want of space: ENOSPC/EDQUOT, or torch.save's
+    short write with less than `margin` bytes left there."""
+    if is_disk_full(error):
+        return True
+    if isinstance(error, RuntimeError) and any(p in str(error) for p in TORCH_SHORT_WRITE):
+        free = free_bytes(path)
+        return free is not None and free < margin
+    return False
+
+
 def free_bytes(path: Path) -> int | None:
     """Bytes free on the file system holding `path` (its nearest existing parent), or None."""
     path = Path(path).absolute()

@@ -7,8 +7,9 @@ so that anything (a rank process, the terminal's predict) may import it cheaply.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from data_pipeline.disk import write_atomic
 
 MANIFEST = "manifest.json"
 SYNTHETIC_MARKER = "SYNTHETIC.json"  # in a dataset root; copied into the manifest as `synthetic`
@@ -36,12 +37,7 @@ def make_manifest(head: dict, splits: dict, summary: dict, rejected: list[dict])
 
 def write_manifest(out: Path, manifest: dict) -> None:
     """Atomically: a reader sees the previous manifest or this one, never a part."""
-    tmp = out / (MANIFEST + ".part")
-    with open(tmp, "w") as fh:
-        fh.write(json.dumps(manifest, indent=1))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, out / MANIFEST)
+    write_atomic(out / MANIFEST, json.dumps(manifest, indent=1), fsync=True)
 
 
 def synthetic_marker(root: Path) -> dict | None:

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from data_pipeline.disk import write_atomic
+
 IMAGE_EXT = {"png": "png", "jpeg": "jpg", "raw": "raw"}
 LABEL_EXT, ID_EXT, META_EXT = "lbl", "sid", "json"
 
@@ -64,16 +66,20 @@ class ShardWriter:
         """Finish the tar, write its DALI index, rename both into place; return the shard entry."""
         self.tar.close()
         idx = self.path.with_suffix(".idx")
-        idx_tmp = idx.with_name(idx.name + ".part")
-        idx_tmp.write_text(dali_index(self.tmp))
-        os.replace(idx_tmp, idx)
+        write_atomic(idx, dali_index(self.tmp))
         os.replace(self.tmp, self.path)
         return {"name": self.path.name, "index": idx.name, "samples": self.samples,
                 "bytes": self.path.stat().st_size, "sha256": sha256_file(self.path)}
 
     def abort(self) -> None:
-        self.tar.close()
-        self.tmp.unlink(missing_ok=True)
+        """Drop the unfinished tar. Closing it may fail again (a full disk fails the final flush
+        too): the part is removed whatever happens."""
+        try:
+            self.tar.close()
+        except OSError:
+            pass
+        finally:
+            self.tmp.unlink(missing_ok=True)
 
 
 def dali_index(tar_path: Path) -> str:

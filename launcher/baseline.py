@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from data_pipeline.cli import add_debug_flag, run_cli
 from data_pipeline.manifest import read_manifest
 from data_pipeline.torch_loader import ShardSamples
 from rmsnet.metrics import classification_summary, format_auroc_table
@@ -59,6 +60,7 @@ def main(argv=None) -> int:
     p.add_argument("--pixels", type=int, default=16, help="thumbnail side")
     p.add_argument("--split", default="test")
     p.add_argument("--out", type=Path, help="write the metrics JSON here")
+    add_debug_flag(p)
     a = p.parse_args(argv)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
@@ -73,4 +75,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from data_pipeline.disk import DiskFull, disk_full, out_of_space
 from data_pipeline.shard_format import sha256_file
 from launcher.dist import average_batchnorm_stats, barrier
 
@@ -123,17 +124,22 @@ def save(engine, ckpt_dir: Path, stage_name: str, pos: Position, keep: int, is_m
     if is_main and (ckpt_dir / tag).exists():  # left by an earlier attempt at this step (a run that
         shutil.rmtree(ckpt_dir / tag)          # resumed from an older tag): its files are stale
     barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={
-        "stage": pos.stage, "epoch": pos.epoch, "step": pos.step, "batch": pos.batch})
-    # Per rank: its torch RNG (dropout, drop-path; the data order needs none, it is seeded per
-    # epoch) and its own BatchNorm statistics, which it goes on updating from its own batches (an
-    # interrupted run would otherwise continue from the average, an uninterrupted one from its own).
-    state = {"cpu": torch.get_rng_state(), "batchnorm": own_bn}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    path = ckpt_dir / tag / f"rank{torch.distributed.get_rank()}_state.pt"
-    torch.save(state, path.with_name(path.name + ".part"))  # atomic: DeepSpeed's `latest` already
-    os.replace(path.with_name(path.name + ".part"), path)  # names this tag, a kill must not truncate it
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={
+            "stage": pos.stage, "epoch": pos.epoch, "step": pos.step, "batch": pos.batch})
+        # Per rank: its torch RNG (dropout, drop-path; the data order needs none, it is seeded per
+        # epoch) and its own BatchNorm statistics, which it goes on updating from its own batches (an
+        # interrupted run would otherwise continue from the average, an uninterrupted one from its own).
+        state = {"cpu": torch.get_rng_state(), "batchnorm": own_bn}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state()
+        path = ckpt_dir / tag / f"rank{torch.distributed.get_rank()}_state.pt"
+        torch.save(state, path.with_name(path.name + ".part"))  # atomic: DeepSpeed's `latest` already
+        os.replace(path.with_name(path.name + ".part"), path)  # names this tag, a kill must not truncate it
+    except Exception as e:
+        if not out_of_space(e, ckpt_dir):
+            raise
+        raise _checkpoint_disk_full(ckpt_dir, tag, is_main, engine.module) from None
     with torch.no_grad():
         buffers = dict(engine.module.named_buffers())
         for n, b in own_bn.items():
@@ -145,6 +151,25 @@ def save(engine, ckpt_dir: Path, stage_name: str, pos: Position, keep: int, is_m
             for old in tags_newest_first(ckpt_dir)[keep:]:
                 shutil.rmtree(ckpt_dir / old, ignore_errors=True)
     barrier()
+
+
+def _checkpoint_disk_full(ckpt_dir: Path, tag: str, remove: bool, module) -> DiskFull:
+    """This rank's save of `tag` found the disk full: say how much a checkpoint takes (the last
+    complete one's size, else 16 bytes per parameter: weights, fp32 master and two Adam moments)
+    and where to resume. Rank 0 (`remove`) removes the incomplete tag; --resume auto passes over
+    it anyway (it has no files.json), and another rank may still be writing into it."""
+    if remove:
+        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+    last = newest_complete(ckpt_dir)
+    if last is not None:
+        listing = json.loads((ckpt_dir / last / FILES).read_text())["files"]
+        needed, basis = sum(f["bytes"] for f in listing.values()), "the size of the last one"
+    else:
+        needed, basis = 16 * sum(p.numel() for p in module.parameters()), "an estimate"
+    error = disk_full(ckpt_dir / tag, needed, f" for one checkpoint, {basis}")
+    done = "was removed" if remove else "is passed over by --resume auto"
+    then = f"free space, then --resume auto continues from {last or 'the start (no checkpoint is complete)'}"
+    return DiskFull(f"{error}; the incomplete checkpoint {done}; {then}")
 
 
 def resume_position(resume: str, ckpt_dir: Path, say=print) -> tuple[str | None, Position]:
@@ -233,8 +258,14 @@ def export_student(engine, path: Path, meta: dict, is_main: bool) -> None:
                     if k.startswith("adapters.")}
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".part")
-        torch.save({"model": student, "adapters": adapters, "meta": meta}, tmp)
-        os.replace(tmp, path)
+        try:
+            torch.save({"model": student, "adapters": adapters, "meta": meta}, tmp)
+            os.replace(tmp, path)
+        except Exception as e:
+            tmp.unlink(missing_ok=True)
+            if out_of_space(e, path.parent):
+                raise disk_full(path, sum(v.numel() * v.element_size() for v in student.values())) from None
+            raise
     barrier()
 
 

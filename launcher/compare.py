@@ -23,6 +23,7 @@ if str(REPO) not in sys.path:  # `python launcher/compare.py` from a checkout
 
 import numpy as np  # noqa: E402
 
+from data_pipeline.cli import add_debug_flag, run_cli  # noqa: E402
 from data_pipeline.loader_common import split_patients  # noqa: E402
 from launcher.config import ConfigError, load_config  # noqa: E402
 from rmsnet.paired_bootstrap import paired_difference  # noqa: E402
@@ -84,6 +85,7 @@ def main(argv=None) -> int:
     p.add_argument("--bootstrap", type=int, default=2000, help="replicates (default 2000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--out", default=None, help="also write the result as JSON here")
+    add_debug_flag(p)
     a = p.parse_args(argv)
     try:
         result = paired_runs([Path(r) for r in a.a], [Path(r) for r in a.b], a.split, a.bootstrap, a.seed)
@@ -97,4 +99,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

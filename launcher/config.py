@@ -436,6 +436,16 @@ def check_world(cfg: Config, world_size: int) -> None:
 
 
 # ------------------------------------------------------------------------------- DeepSpeed JSON
+def check_device(cfg: Config, cuda: bool) -> None:
+    """What the device must offer (run before any process group starts): fp16 is GPU-only."""
+    if cuda:
+        return
+    for key, value in (("train.precision", cfg.train.precision), ("teacher.dtype", cfg.teacher.dtype)):
+        if value == "fp16":
+            raise ConfigError(f"{key}=fp16 needs a GPU (DeepSpeed has no fp16 on CPU, and this machine "
+                              f"has no CUDA device): use fp32, bf16 or auto")
+
+
 def resolve_precision(precision: str, cuda: bool) -> str:
     if precision != "auto":
         return precision

@@ -12,7 +12,8 @@ every rank checkpoint at the same step and exit 75 (launcher/preemption.py); `--
 continues from there. A run directory has one writer at a time (launcher/run_lock.py); a new run
 (no --resume) over an earlier one is refused unless --overwrite. Shards are checked against their
 manifest before they are read, and a damaged sample stops every rank naming shard and sample
-(launcher/read_faults.py). `main()` reads top to bottom in the order it runs: config -> inputs
+(launcher/read_faults.py). Any error ends as one `error:` line from the rank it happened in
+(data_pipeline/cli.py; `--debug` or RMS_DEBUG=1 adds the traceback). `main()` reads top to bottom in the order it runs: config -> inputs
 checked -> distributed init -> run directory locked -> shards checked -> loaders -> run plan ->
 teacher -> checkpointer and resume (the newest complete checkpoint) -> trainer.fit
 (launcher/trainer.py) -> final report and export (launcher/report.py) -> close.
@@ -27,14 +28,15 @@ from pathlib import Path
 
 import torch
 
+from data_pipeline.cli import add_debug_flag, run_cli
 from data_pipeline.loader import build_emulated_loader, build_loader
 from data_pipeline.loader_common import AugmentSpec
 from data_pipeline.manifest import read_manifest
 from data_pipeline.read_checks import DamagedSample, DamagedShard
 from launcher.checkpoints import CheckpointDamaged, Checkpointer
-from launcher.config import ConfigError, check_world, dump_yaml, load_config
+from launcher.config import ConfigError, check_device, check_world, dump_yaml, load_config
 from launcher.dist import barrier, detect_env, first_error, init_distributed, shutdown
-from launcher.model_loading import CheckpointError, check_teacher_file
+from launcher.model_loading import CheckpointError, check_pretrained_file, check_teacher_file
 from launcher.monitor import Monitor, NullMonitor
 from launcher.nonfinite import EXIT_NONFINITE, NonFiniteTraining
 from launcher.preemption import EXIT_PREEMPTED, PREEMPTED_MARKER, Preempted, StopRequest
@@ -55,6 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in a run directory that holds an earlier run (deleting it)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed adds it
+    add_debug_flag(p)
     return p.parse_args(argv)
 
 
@@ -63,14 +66,26 @@ def check_inputs(cfg, args) -> dict:
     if args.overwrite and args.resume != "none":
         raise ValueError(f"--overwrite starts the run afresh; it cannot be combined with --resume {args.resume}")
     check_world(cfg, detect_env()["world_size"])
+    check_device(cfg, torch.cuda.is_available())
+    check_run_dir_path(cfg.run_dir)
     manifest = read_manifest(cfg.data.shards)
     if cfg.run.mode == "distill":
         if not Path(cfg.teacher.checkpoint).is_file():
             raise FileNotFoundError(f"teacher.checkpoint {cfg.teacher.checkpoint}: file not found")
         check_teacher_file(Path(cfg.teacher.checkpoint), manifest["label_names"])
-    if cfg.student.pretrained_file and not Path(cfg.student.pretrained_file).is_file():
-        raise FileNotFoundError(f"student.pretrained_file {cfg.student.pretrained_file}: file not found")
+    if cfg.student.pretrained_file:
+        check_pretrained_file(cfg, len(manifest["label_names"]))
     return manifest
+
+
+def check_run_dir_path(run_dir: Path) -> None:
+    """The run directory is, or can become, a directory: no file in the way of it or its parents."""
+    for path in (run_dir, *run_dir.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise ValueError(f"run directory {run_dir}: {path} is a file, not a directory (check "
+                                 f"run.out_dir and run.name)")
+            return
 
 
 def make_loaders(cfg, env, skipped: Skipped):
@@ -237,4 +252,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_pipeline.cli import add_debug_flag, run_cli
 from data_pipeline.manifest import read_manifest
 from data_pipeline.read_checks import DamagedSample, DamagedShard
 from launcher.config import ConfigError
@@ -68,6 +69,7 @@ def parse_args(argv=None):
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed adds it
+    add_debug_flag(p)
     return p.parse_args(argv)
 
 
@@ -252,4 +254,4 @@ def log_tensorboard(log_dir: Path, summaries: dict, figures: dict, text: str, sp
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

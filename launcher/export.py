@@ -66,6 +66,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from data_pipeline.cli import add_debug_flag, run_cli
 from data_pipeline.manifest import MANIFEST, read_manifest
 from launcher.config import ConfigError
 from launcher.metrics_doc import model_result, read_metrics
@@ -408,6 +409,7 @@ def parse_args(argv=None):
                         f"(default {INT8_TOLERANCE})")
     p.add_argument("--int8-calibration", type=int, default=None,
                    help=f"validation images to calibrate on (default {INT8_CALIBRATION}; all when fewer)")
+    add_debug_flag(p)
     return p.parse_args(argv)
 
 
@@ -513,4 +515,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -258,6 +258,44 @@ def check_teacher_file(path: Path, label_names: list[str]) -> None:
                               f"have {list(label_names)}: the order must be the same")
 
 
+def check_pretrained_file(cfg, num_classes: int) -> None:
+    """Before a run starts: `student.pretrained_file` is a readable checkpoint that loads into the
+    student's architecture (the student is built once with it, on the CPU: a few megabytes)."""
+    path = Path(cfg.student.pretrained_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"student.pretrained_file {path}: file not found")
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        if path.suffix != ".safetensors":
+            raise CheckpointError(f"student.pretrained_file: {describe_unreadable(path, e)}") from None
+    try:
+        create_tapped_model(cfg.student.name, num_classes, in_chans=cfg.student.in_chans,
+                            feature_indices=cfg.student.feature_indices, pretrained_file=str(path))
+    except Exception as e:
+        raise CheckpointError(f"student.pretrained_file {path} does not load into {cfg.student.name}: "
+                              f"{_load_failure(e)} (the weights must be timm's for that "
+                              f"architecture)") from None
+
+
+def _load_failure(e: Exception) -> str:
+    """torch's load_state_dict error (one line per key) counted in a few words; else its first line."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines()]
+    if lines and lines[0].startswith("Error(s) in loading state_dict"):
+        counts = {"missing": 0, "unexpected": 0, "of another shape": 0}
+        for ln in lines[1:]:
+            if ln.startswith("Missing key(s)"):
+                counts["missing"] += ln.count('"') // 2
+            elif ln.startswith("Unexpected key(s)"):
+                counts["unexpected"] += ln.count('"') // 2
+            elif ln.startswith("size mismatch"):
+                counts["of another shape"] += 1
+        found = ", ".join(f"{n} {what}" for what, n in counts.items() if n)
+        if found:
+            return f"state dict keys: {found}"
+    return f"{type(e).__name__}: {(lines or [''])[0][:200]}"
+
+
 def load_teacher(spec: TeacherSpec, num_classes: int) -> TappedModel:
     return create_teacher(spec.name, num_classes, checkpoint=str(spec.checkpoint), in_chans=spec.in_chans)
 

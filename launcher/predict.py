@@ -56,6 +56,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python launcher/predict.py` from a checkout
     sys.path.insert(0, str(REPO))
 
+from data_pipeline.cli import add_debug_flag, run_cli  # noqa: E402
 from data_pipeline.image_io import (BadImage, MissingDependency, as_stored, dicom_identifiers,  # noqa: E402
                                     fit_square, is_dicom, load_gray8, parse_window)
 from launcher.onnx_meta import (decision_thresholds, decode_metadata, probabilities, sha256,  # noqa: E402
@@ -386,6 +387,7 @@ def parse_args(argv=None):
     p.add_argument("--heatmap-weights", metavar="CKPT", default=None,
                    help="the PyTorch checkpoint the export was made from, for --heatmaps (default: the "
                         "one its metadata records, or a model.pt beside the ONNX file)")
+    add_debug_flag(p)
     return p.parse_args(argv)
 
 
@@ -441,4 +443,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -42,6 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python launcher/sweep.py` from a checkout
     sys.path.insert(0, str(REPO))
 
+from data_pipeline.cli import add_debug_flag, run_cli  # noqa: E402
 from launcher import sweep_report  # noqa: E402
 from launcher.config import ConfigError, load_config  # noqa: E402
 from launcher.sweep_report import FINISHED  # noqa: E402
@@ -304,6 +305,7 @@ def parse_args(argv=None):
     p.add_argument("--sbatch-args", default="", help="extra sbatch options for --slurm, one string")
     p.add_argument("--report", action="store_true", help="only (re)write the table from DIR/sweep.json")
     p.add_argument("--shell-run", type=int, default=None, help=argparse.SUPPRESS)  # cluster/sweep.sbatch
+    add_debug_flag(p)
     return p.parse_args(argv)
 
 
@@ -346,4 +348,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))
