@@ -80,6 +80,10 @@ def final_report(trainer, engine, step: int, eval_loaders: dict) -> dict:
     monitor.text("eval/auroc_table", f"```\n{table}\n```", step)
     for line in split_warnings(manifest, (cfg.data.val_split, test)):  # small data: say what is undefined
         monitor.print(f"warning: {line}")
+    if trainer.best.best is None:  # best/model.pt follows the validation mean AUROC
+        monitor.print(f"warning: no best/model.pt was written: no validation of this run gave a mean AUROC "
+                      f"on '{cfg.data.val_split}' (none ran, or the split lacks a positive or a negative "
+                      f"of every class); final/model.pt is the trained student")
     if trainer.env.is_main:
         curves = {names[m]: {**scores[m][test], "auroc": model_result(doc, m, test)["auroc"]} for m in roles}
         monitor.figure("eval/roc_curves", roc_figure(curves, manifest["label_names"], f"ROC, '{test}' split"), step)

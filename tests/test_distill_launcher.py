@@ -149,6 +149,36 @@ def test_bad_config_fails_before_any_process_group_naming_the_key(override, name
     assert not (tmp_path / "student").exists()
 
 
+@pytest.mark.parametrize("fault", ["fp16_on_cpu", "teacher_as_pretrained", "text_as_pretrained", "file_as_out_dir"])
+def test_what_would_fail_inside_the_ranks_is_refused_before_any_process_starts(fault, cxr_shards, tmp_path,
+                                                                               random_teacher):
+    """Each of these failed inside the rank processes with a traceback (DeepSpeed's, torch's or
+    pathlib's); now one line before any process group."""
+    text = tmp_path / "notes.pt"
+    text.write_text("weights are on the shared drive\n")
+    (tmp_path / "a_file").write_text("")
+    override, expected = {
+        "fp16_on_cpu": ("train.precision=fp16",
+                        "error: train.precision=fp16 needs a GPU (DeepSpeed has no fp16 on CPU, and this "
+                        "machine has no CUDA device): use fp32, bf16 or auto"),
+        "teacher_as_pretrained": (f"student.pretrained_file={random_teacher}",
+                                  f"error: student.pretrained_file {random_teacher} does not load into "
+                                  f"rmsnet_xxs: state dict keys: "),
+        "text_as_pretrained": (f"student.pretrained_file={text}",
+                               f"error: student.pretrained_file: checkpoint {text} is a text file (32 bytes, "
+                               f"starting 'weights are on the shared drive\\n'), not a checkpoint"),
+        "file_as_out_dir": (f"run.out_dir={tmp_path / 'a_file'}",
+                            f"error: run directory {tmp_path / 'a_file' / 'student'}: {tmp_path / 'a_file'} is a "
+                            f"file, not a directory (check run.out_dir and run.name)"),
+    }[fault]
+    proc = run(python_cmd(*_tiny(cxr_shards, tmp_path, random_teacher, "--set", override)), timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout
+    line, = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
+    assert line.startswith(expected), line
+    assert "rank 0/" not in proc.stdout  # no process group was started
+    assert not (tmp_path / "student").exists()
+
+
 def test_missing_shard_directory_fails_with_one_clear_message(tmp_path, random_teacher):
     proc = run(python_cmd(*_tiny(tmp_path / "nowhere", tmp_path, random_teacher)), timeout=120)
     assert proc.returncode == 2
@@ -251,3 +281,29 @@ def test_a_killed_rank_ends_the_whole_job_non_zero_within_60_seconds(cxr_shards,
     time.sleep(1)
     assert not _rank_pids(str(tmp_path), 0), "rank 0 outlived the job"
     assert not leaked_shm(cmd), "a SIGKILLed rank's shared-memory segment outlived the job"
+
+
+@pytest.mark.slow
+def test_a_validation_split_without_any_positive_writes_no_best_model_and_says_why(cxr_shards, random_teacher,
+                                                                                  tmp_path):
+    import shutil
+
+    from data_pipeline.torch_loader import read_keyed_index
+
+    shards = tmp_path / "shards"
+    shutil.copytree(cxr_shards, shards)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    for shard in manifest["splits"]["val"]["shards"]:  # every val label vector all zeros: valid, no positive
+        tar = str(shards / shard["name"])
+        with open(tar, "r+b") as f:
+            for _, _, members in read_keyed_index(tar, str(shards / shard["index"])):
+                offset, size = members["lbl"]
+                f.seek(offset)
+                f.write(bytes(size))
+    proc = run(python_cmd(*_tiny(shards, tmp_path, random_teacher, "--set", "data.verify=none")), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert ("warning: no best/model.pt was written: no validation of this run gave a mean AUROC on 'val' "
+            "(none ran, or the split lacks a positive or a negative of every class); final/model.pt is the "
+            "trained student") in proc.stdout.splitlines()
+    assert not (tmp_path / "student" / "best" / "model.pt").exists()
+    assert (tmp_path / "student" / "final" / "model.pt").is_file()
