@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
+from _damage import damage
 from _launch import REPO, deepspeed_cmd, python_cmd, run, tiny_run_args
 from data_pipeline.manifest import read_manifest
-from data_pipeline.torch_loader import read_keyed_index
 
 CFG = REPO / "launcher" / "configs" / "demo_distill.yaml"
 EVALUATE = REPO / "launcher" / "evaluate.py"
@@ -22,16 +22,6 @@ def _one_error_line(proc) -> str:
     errors = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("error: ")]
     assert len(errors) == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
     return errors[0]
-
-
-def _damage(shards, split: str, shard_no: int, sample_no: int, ext: str, data: bytes):
-    """Overwrite the start of one member in place; (tar, key)."""
-    shard = read_manifest(shards)["splits"][split]["shards"][shard_no]
-    tar, key, members = read_keyed_index(str(shards / shard["name"]), str(shards / shard["index"]))[sample_no]
-    with open(tar, "r+b") as f:
-        f.seek(members[ext][0])
-        f.write(data)
-    return tar, key
 
 
 @pytest.mark.slow
@@ -45,7 +35,7 @@ def test_damaged_shards_stop_training_and_evaluation_with_one_line_naming_shard_
     sound = run(python_cmd(*args("sound", "train.max_steps=2")))
     assert sound.returncode == 0, sound.stdout[-2000:] + sound.stderr[-3000:]
 
-    train_tar, train_key = _damage(shards, "train", 1, 3, "lbl", b"\xff")
+    train_tar, train_key = damage(shards, "train", 1, 3, "lbl", b"\xff")
     # during the epoch (the size check passes): every rank stops at the damaged batch
     for loader in ("torch", "dali"):
         name = f"read_{loader}"
@@ -58,7 +48,7 @@ def test_damaged_shards_stop_training_and_evaluation_with_one_line_naming_shard_
         assert not (tmp_path / name / "final").exists() and not (tmp_path / name / "best").exists()
         assert not (tmp_path / name / "run.lock").exists()
 
-    val_tar, val_key = _damage(shards, "val", 0, 1, "png", b"\x00" * 16)
+    val_tar, val_key = damage(shards, "val", 0, 1, "png", b"\x00" * 16)
     hint = f"; rebuild the shards, or list every problem with python -m data_pipeline.build_shards " \
            f"--verify-only --out {shards}"
     # before training: rank 1 checks train-000001 and val-000000 (shard i is rank i % 2's)
@@ -99,9 +89,9 @@ def test_skip_mode_trains_and_evaluates_on_two_ranks_around_damaged_samples_and_
 
     shards = tmp_path / "shards"
     shutil.copytree(cxr_shards, shards)
-    damaged = [("train", *_damage(shards, "train", 1, 3, "lbl", b"\xff")),
-               ("train", *_damage(shards, "train", 0, 2, "png", b"\x00" * 16)),
-               ("val", *_damage(shards, "val", 0, 1, "png", b"\x00" * 16))]
+    damaged = [("train", *damage(shards, "train", 1, 3, "lbl", b"\xff")),
+               ("train", *damage(shards, "train", 0, 2, "png", b"\x00" * 16)),
+               ("val", *damage(shards, "val", 0, 1, "png", b"\x00" * 16))]
     proc = run(deepspeed_cmd(2, *tiny_run_args(
         CFG, shards, tmp_path, random_teacher, "run.name=skip", "train.batch_size_per_gpu=2",
         "train.warmup_steps=1", "train.epochs=1", "data.loader=dali", "data.on_damaged=skip")))

@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 
+from _damage import damage
 from data_pipeline.loader import build_loader
 from data_pipeline.loader_common import batches_per_epoch
 from data_pipeline.manifest import read_manifest
@@ -23,21 +24,11 @@ def shards(cxr_shards, tmp_path):
     return out
 
 
-def _damage(shards, split: str, shard_no: int, sample_no: int, ext: str, data: bytes):
-    """Overwrite the start of one member in place; (tar, key)."""
-    shard = read_manifest(shards)["splits"][split]["shards"][shard_no]
-    tar, key, members = read_keyed_index(str(shards / shard["name"]), str(shards / shard["index"]))[sample_no]
-    with open(tar, "r+b") as f:
-        f.seek(members[ext][0])
-        f.write(data)
-    return tar, key
-
-
 def _damage_three(shards):
     """A label of 255 and an undecodable PNG in train, a test shard cut short: (train label,
     train image, test shard path, keys past the cut)."""
-    label = _damage(shards, "train", 1, 3, "lbl", b"\xff")
-    image = _damage(shards, "train", 0, 2, "png", b"\x00" * 16)
+    label = damage(shards, "train", 1, 3, "lbl", b"\xff")
+    image = damage(shards, "train", 0, 2, "png", b"\x00" * 16)
     last = read_manifest(shards)["splits"]["test"]["shards"][-1]
     path = shards / last["name"]
     entries = read_keyed_index(str(path), str(shards / last["index"]))
