@@ -10,11 +10,13 @@
   its pipeline, so its loader checks the labels of every batch and, when the pipeline itself fails,
   finds the damaged sample by re-reading the rank's shard (`first_damaged_sample`).
 
-* Skipping instead of stopping (`data.on_damaged: skip`, `scan_samples`): every sample of the
-  splits used is read once before the run, through the DALI index (by offset, as both loaders read
-  it, so a damaged tar header does not hide the samples after it), and checked as the build checks
-  it; the loaders are then given the keys to leave out. This costs one CPU decode of the dataset,
-  split across ranks.
+* Skipping instead of stopping (`data.on_damaged: skip`, `scan_samples`): the samples of the
+  shards that may hold damage are read once before the run, through the DALI index (by offset, as
+  both loaders read it, so a damaged tar header does not hide the samples after it), and checked
+  as the build checks it; the loaders are then given the keys to leave out. With `data.verify:
+  sha256` those are the shards whose size or sha256 differs from the manifest (one that matches
+  holds what the build wrote, and the build wrote only samples that pass these checks); with
+  `size` or `none`, every shard: one CPU decode of the dataset, split across ranks.
 
 `python -m data_pipeline.build_shards --verify-only --out DIR` checks a whole shard directory and
 lists every problem (data_pipeline/verify_shards.py); this module stops at the first.
@@ -55,16 +57,17 @@ def check_shard_files(shard_dir, manifest: dict, splits, mode: str = "sha256", r
                       world_size: int = 1, changed: list | None = None) -> list[str]:
     """Problems (one line each, naming the file) with this rank's share of the shards of `splits`:
     shard i of the combined list is checked by rank i % world_size. Empty when all is well. With a
-    `changed` list, a shard whose size or sha256 differs from the manifest is noted there instead
-    (its samples are then scanned one by one: `scan_samples`); a missing file stays a problem."""
+    `changed` list, a shard whose size or sha256 differs from the manifest is noted there instead,
+    as (shard name, line) (its samples are then read one by one: `scan_samples`); a missing file
+    stays a problem."""
     if mode not in VERIFY_MODES:
         raise ValueError(f"data.verify must be one of {', '.join(VERIFY_MODES)}, got {mode!r}")
     if mode == "none":
         return []
     shards = [s for split in dict.fromkeys(splits) for s in manifest["splits"][split]["shards"]]
     problems = []
-    differs = problems if changed is None else changed
     for shard in shards[rank::world_size]:
+        differs = problems if changed is None else _Named(changed, shard["name"])
         path = Path(shard_dir) / shard["name"]
         if not path.is_file():
             problems.append(f"{path}: shard listed in the manifest is missing")
@@ -78,6 +81,16 @@ def check_shard_files(shard_dir, manifest: dict, splits, mode: str = "sha256", r
             differs.append(f"{path}: sha256 differs from the manifest (the shard was changed after the "
                            f"build)")
     return problems
+
+
+class _Named:
+    """A list that records each line appended to it with a shard name: (name, line)."""
+
+    def __init__(self, into: list, name: str):
+        self.into, self.name = into, name
+
+    def append(self, line: str) -> None:
+        self.into.append((self.name, line))
 
 
 def shard_hint(shard_dir) -> str:
@@ -104,14 +117,18 @@ def first_damaged_sample(tars, manifest: dict, split: str, skip: frozenset = fro
     return None
 
 
-def scan_samples(shard_dir, manifest: dict, splits, rank: int = 0, world_size: int = 1) -> list[tuple]:
+def scan_samples(shard_dir, manifest: dict, splits, rank: int = 0, world_size: int = 1,
+                 only: set | None = None) -> list[tuple]:
     """(split, key, 'SHARD: sample KEY: what') for every damaged sample of this rank's share of the
-    shards of `splits` (shard i of the combined list is rank i % world_size's), read by the offsets
-    of the DALI index the loaders use and checked as the build checks it. An index that does not
-    parse is a DamagedShard: without it no sample of the shard can be found."""
+    shards of `splits` (shard i of the combined list is rank i % world_size's; with `only`, just
+    the shards of those names), read by the offsets of the DALI index the loaders use and checked
+    as the build checks it. An index that does not parse is a DamagedShard: without it no sample
+    of the shard can be found."""
     image, found = manifest["image"], []
     shards = [(split, s) for split in dict.fromkeys(splits) for s in manifest["splits"][split]["shards"]]
     for split, shard in shards[rank::world_size]:
+        if only is not None and shard["name"] not in only:
+            continue
         tar, idx = Path(shard_dir) / shard["name"], Path(shard_dir) / shard["index"]
         size = tar.stat().st_size
         with open(tar, "rb") as f:

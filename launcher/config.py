@@ -74,10 +74,11 @@ class DataConfig:
     on_damaged: Literal["stop", "skip"] = "stop"
     """A damaged sample (an image that does not decode, a label vector that is not 0/1, a member
     missing or cut off): `stop` the run with one line naming shard and sample, or `skip` it. With
-    `skip`, every sample of the splits used is read and checked once before the run (one CPU
-    decode of the dataset, split across ranks; a shard that differs from the manifest is then a
-    warning, not an error), and the damaged ones are left out by both loaders on every rank; they
-    are counted in TensorBoard (`data/skipped/<split>`) and metrics.json, and listed in
+    `skip`, a shard that differs from the manifest is a warning, not an error, and the samples of
+    the shards that may hold damage are read and checked once before the run: with `verify:
+    sha256` the shards whose sha256 (or size) differs, with `size` or `none` every shard (one CPU
+    decode of the dataset, split across ranks). The damaged ones are left out by both loaders on
+    every rank, counted in TensorBoard (`data/skipped/<split>`) and metrics.json, and listed in
     `skipped_samples.json` in the run directory."""
     train_split: str = "train"
     val_split: str = "val"

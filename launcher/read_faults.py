@@ -9,20 +9,21 @@ one of them has it: one tiny all-reduce on a CPU (gloo) group per batch, no devi
 has not, every rank raises DamagedSample with the lowest failing rank's message. Building a
 loader is agreed the same way (`agreed_loader`).
 
-With `data.on_damaged: skip`, `check_shards` also reads every sample of those shards once (each
-rank its share, data_pipeline.read_checks.scan_samples) and every rank learns the full list of
-damaged samples (`Skipped`): the loaders leave those keys out on every rank alike, so the ranks
-still run equal batch counts, and the run reports what it left out.
+With `data.on_damaged: skip`, `check_shards` also reads the samples of the shards that may hold
+damage once (each rank its share, data_pipeline.read_checks.scan_samples: with `data.verify:
+sha256` the shards that differ from the manifest, else all of them), and every rank learns the
+full list of damaged samples (`Skipped`): the loaders leave those keys out on every rank alike,
+so the ranks still run equal batch counts, and the run reports what it left out.
 """
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from data_pipeline.disk import write_atomic
 from data_pipeline.read_checks import (DamagedSample, DamagedShard, check_shard_files, scan_samples,
                                        shard_hint)
 from launcher.dist import all_gather_objects, first_error
@@ -67,9 +68,7 @@ class Skipped:
     def write(self, run_dir: Path, splits) -> Path:
         """skipped_samples.json in `run_dir`, atomically (rank 0)."""
         path = Path(run_dir) / SKIPPED_FILE
-        tmp = path.with_name(path.name + ".part")
-        tmp.write_text(json.dumps(self.document(splits), indent=1) + "\n")
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(self.document(splits), indent=1) + "\n")
         return path
 
 
@@ -89,8 +88,9 @@ def check_shards(shard_dir, manifest: dict, splits, mode: str, rank: int, world_
     if on_damaged == "stop":
         return Skipped()
     found, error = [], None
+    only = {name for name, _ in changed} if mode == "sha256" else None  # a matching sha256: as built
     try:
-        found = scan_samples(shard_dir, manifest, splits, rank, world_size)
+        found = scan_samples(shard_dir, manifest, splits, rank, world_size, only)
     except (DamagedShard, OSError) as e:  # an index that does not parse: no sample of it is found
         error = f"{e}{shard_hint(shard_dir)}"
     if error := first_error(error):
@@ -98,7 +98,7 @@ def check_shards(shard_dir, manifest: dict, splits, mode: str, rank: int, world_
     order = {s: i for i, s in enumerate(dict.fromkeys(splits))}
     every = all_gather_objects((found, changed))
     samples = sorted((x for f, _ in every for x in f), key=lambda x: (order[x[0]], x[2]))
-    return Skipped(tuple(samples), tuple(sorted(c for _, ch in every for c in ch)), True)
+    return Skipped(tuple(samples), tuple(sorted(line for _, ch in every for _, line in ch)), True)
 
 
 def cpu_group():

@@ -53,6 +53,9 @@ def test_the_scan_finds_every_damaged_sample_through_the_index_and_splits_shards
     # shard i of the combined list is rank i % world's: together the ranks find the same
     halves = [scan_samples(shards, m, ["train", "val", "test"], r, 2) for r in (0, 1)]
     assert sorted(halves[0] + halves[1]) == sorted(found) and all(halves)
+    # `only`: the shards named (those whose sha256 differs from the manifest, in sha256 mode)
+    label_shard = m["splits"]["train"]["shards"][1]["name"]
+    assert scan_samples(shards, m, ["train", "val", "test"], only={label_shard}) == [found[1]]
     # what the loaders' own fallback search passes over
     tars = [str(shards / s["name"]) for s in m["splits"]["train"]["shards"]]
     assert first_damaged_sample(tars, m, "train", frozenset({ikey, lkey})) is None
@@ -70,6 +73,8 @@ def test_skip_mode_turns_changed_shards_into_warnings_but_missing_files_stay_err
         check_shards(shards, m, ["train"], "sha256", 0, 1)
     skipped = check_shards(shards, m, ["train", "val", "test"], "sha256", 0, 1, "skip")
     assert skipped.keys("train") == {lkey, ikey} and skipped.keys("test") == set(past)
+    by_size = check_shards(shards, m, ["train", "val", "test"], "size", 0, 1, "skip")  # every shard read
+    assert by_size.samples == skipped.samples and len(by_size.changed) == 1  # only the cut one's size differs
     assert skipped.count("val") == 0 and skipped.count("test") == 2
     assert skipped.changed == tuple(sorted([
         f"{itar}: sha256 differs from the manifest (the shard was changed after the build)",
