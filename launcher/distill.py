@@ -210,7 +210,7 @@ def main(argv=None) -> int:
     torch.manual_seed(cfg.run.seed)
     try:
         train_for, eval_loaders = make_loaders(cfg, env, skipped)
-    except (DamagedSample, ValueError) as e:  # raised on every rank together
+    except DamagedSample as e:  # raised on every rank together
         return stop_with(str(e), env, lock)
     run = Run.plan(cfg, manifest, env.world_size, env.device.type == "cuda",
                    skipped.count(cfg.data.train_split))

@@ -126,11 +126,12 @@ def _agree(error: str | None, group, done: bool = False) -> bool:
 
 def agreed_loader(build, group) -> "AgreedBatches":
     """`AgreedBatches(build())`, the building agreed too (DALI's iterator reads its first batches
-    as it is built, so a damaged sample can surface there, on one rank)."""
+    as it is built, so a damaged sample can surface there, on one rank; a split left with fewer
+    samples than ranks is a ValueError): every rank raises DamagedSample with the message."""
     loader, error = None, None
     try:
         loader = build()
-    except DamagedSample as e:
+    except (DamagedSample, ValueError) as e:
         error = _one_line(e)
     _agree(error, group)
     return AgreedBatches(loader, group)

@@ -128,3 +128,22 @@ def test_both_loaders_leave_the_skipped_samples_out_and_ranks_still_get_equal_ba
         expected = batches_per_epoch(n - 2, 2, bs)
         assert lengths == [(expected, expected)] * 2, lengths
     assert {every[s] for s in seen} == set(every.values()) - skip
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_a_split_left_too_small_by_skipping_is_one_agreed_error(shards, backend):
+    from data_pipeline.read_checks import DamagedSample
+    from launcher.read_faults import agreed_loader
+
+    m = read_manifest(shards)
+    shard = m["splits"]["val"]["shards"][0]
+    keys = [k for _, k, _ in read_keyed_index(str(shards / shard["name"]), str(shards / shard["index"]))]
+    build = lambda skip: agreed_loader(lambda: build_loader(  # noqa: E731
+        shards, "val", backend=backend, batch_size=2, image_size=48, train=False, rank=0, world_size=2,
+        skip=frozenset(skip)), None)
+    with pytest.raises(DamagedSample) as e:
+        build(keys)  # nothing left
+    assert str(e.value) in (f"every sample of {shards / shard['name']} is damaged: nothing is left to read",
+                            f"{shards}: split 'val' has 0 samples once {len(keys)} damaged ones are skipped, "
+                            f"fewer than the 2 ranks it must be split over")
+    assert len(build(keys[:-2])) == 1  # two left: one each
