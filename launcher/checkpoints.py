@@ -137,9 +137,11 @@ def save(engine, ckpt_dir: Path, stage_name: str, pos: Position, keep: int, is_m
         torch.save(state, path.with_name(path.name + ".part"))  # atomic: DeepSpeed's `latest` already
         os.replace(path.with_name(path.name + ".part"), path)  # names this tag, a kill must not truncate it
     except Exception as e:
+        own_part = ckpt_dir / tag / f"rank{torch.distributed.get_rank()}_state.pt.part"
+        own_part.unlink(missing_ok=True)
         if not out_of_space(e, ckpt_dir):
             raise
-        raise _checkpoint_disk_full(ckpt_dir, tag, is_main, engine.module) from None
+        raise _checkpoint_disk_full(ckpt_dir, tag, engine.module) from None
     with torch.no_grad():
         buffers = dict(engine.module.named_buffers())
         for n, b in own_bn.items():
@@ -153,13 +155,11 @@ def save(engine, ckpt_dir: Path, stage_name: str, pos: Position, keep: int, is_m
     barrier()
 
 
-def _checkpoint_disk_full(ckpt_dir: Path, tag: str, remove: bool, module) -> DiskFull:
+def _checkpoint_disk_full(ckpt_dir: Path, tag: str, module) -> DiskFull:
     """This rank's save of `tag` found the disk full: say how much a checkpoint takes (the last
     complete one's size, else 16 bytes per parameter: weights, fp32 master and two Adam moments)
-    and where to resume. Rank 0 (`remove`) removes the incomplete tag; --resume auto passes over
-    it anyway (it has no files.json), and another rank may still be writing into it."""
-    if remove:
-        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+    and where to resume. The incomplete tag stays: another rank may still be writing into it, and
+    without files.json --resume auto passes over it (a later save of the same step replaces it)."""
     last = newest_complete(ckpt_dir)
     if last is not None:
         listing = json.loads((ckpt_dir / last / FILES).read_text())["files"]
@@ -167,9 +167,9 @@ def _checkpoint_disk_full(ckpt_dir: Path, tag: str, remove: bool, module) -> Dis
     else:
         needed, basis = 16 * sum(p.numel() for p in module.parameters()), "an estimate"
     error = disk_full(ckpt_dir / tag, needed, f" for one checkpoint, {basis}")
-    done = "was removed" if remove else "is passed over by --resume auto"
     then = f"free space, then --resume auto continues from {last or 'the start (no checkpoint is complete)'}"
-    return DiskFull(f"{error}; the incomplete checkpoint {done}; {then}")
+    return DiskFull(f"{error}; the incomplete checkpoint has no {FILES}, so --resume auto passes over it "
+                    f"(deleting it frees its space); {then}")
 
 
 def resume_position(resume: str, ckpt_dir: Path, say=print) -> tuple[str | None, Position]:
