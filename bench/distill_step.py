@@ -3,6 +3,7 @@
     python bench/distill_step.py                                  # demo config: batch 32, 64 px
     python bench/distill_step.py --steps 20 --rounds 21 --threads 1
     python bench/distill_step.py --steps 2 --rounds 1 --batch-size 4 --image-size 48   # smoke
+    python bench/distill_step.py --compile --out bench/results/distill_step_compiled.json
 
 Both paths train the same models (an `rmsnet_xxs` student against a `resnet18` teacher loaded from
 a random-init checkpoint written here) on the same pre-loaded batches with the same objective
@@ -199,6 +200,14 @@ def parse_args(argv=None):
     p.add_argument("--batches", type=int, default=4, help="distinct pre-loaded batches, cycled")
     p.add_argument("--loader-batches", type=int, default=40, help="batches timed per data-loading round")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads, both paths")
+    p.add_argument("--compile", action="store_true",
+                   help="both paths compiled: the project's as train.compile=on does (engine.compile(), "
+                        "teacher torch.compile), the hand loop's student and teacher through torch.compile; "
+                        "the first step of each (compilation included) is timed apart")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="channels-last images and teacher weights in both paths, and the hand loop's "
+                        "student weights (the project's stay as ZeRO keeps them)")
     p.add_argument("--out", type=Path, default=RESULTS / "distill_step.json")
     a = p.parse_args(argv)
     if min(a.steps, a.rounds, a.batches, a.threads, a.batch_size) < 1 or a.split_rounds < 0:
@@ -222,7 +231,9 @@ def preload(cfg, shards, manifest, a, device) -> list[dict]:
                 if len(batches) < a.batches:
                     batches.append({"image": b["image"].clone(), "label": b["label"].clone()})
         del loader
-    return [{k: v.to(device) for k, v in b.items()} for b in batches]
+    fmt = torch.channels_last if a.channels_last else torch.contiguous_format
+    return [{"image": b["image"].to(device).contiguous(memory_format=fmt), "label": b["label"].to(device)}
+            for b in batches]
 
 
 def make_loader(cfg, shards, epoch: int, device):
@@ -314,6 +325,11 @@ def main(argv=None) -> int:
     engine, *_ = deepspeed.initialize(model=task, config=ds_config,
                                       model_parameters=[p for p in task.parameters() if p.requires_grad])
     engine.train()
+    fmt = torch.channels_last if a.channels_last else torch.contiguous_format
+    teacher_ds.module.to(memory_format=fmt)
+    if a.compile:  # what Trainer.run_stage and distill.build_teacher do with train.compile=on
+        engine.compile(backend=a.compile_backend)
+        teacher_ds.module.compile(backend=a.compile_backend)
 
     def project_step(batch, timings=None):
         batch = dict(batch, image=batch["image"].to(torch.float32))  # what Trainer.run_epoch does
@@ -321,8 +337,10 @@ def main(argv=None) -> int:
 
     lr_checks = [(engine.get_lr()[0], warmup_cosine_lr(0, ds_config["optimizer"]["params"]["lr"],
                                                        ds_config["scheduler"]["params"]))]
+    t0 = time.perf_counter()
     first = {"project": {k: v.item() for k, v in project_step(batches[0]).items()}}
     sync()
+    first_step_s = {"project": time.perf_counter() - t0}
     mem["rss_after_project"] = rss_bytes()
     if cuda:
         mem["cuda_after_project"] = torch.cuda.memory_allocated()
@@ -334,10 +352,15 @@ def main(argv=None) -> int:
                                   feature_indices=cfg.student.feature_indices,
                                   drop_rate=cfg.student.drop_rate)
     student.load_state_dict(student_init)
-    teacher.to(env.device), student.to(env.device).train()
+    teacher.to(env.device, memory_format=fmt), student.to(env.device, memory_format=fmt).train()
+    if a.compile:
+        teacher.compile(backend=a.compile_backend)
+        student.compile(backend=a.compile_backend)
     hand = HandLoop(teacher, student, stage.loss, manifest["multilabel"], ds_config)
+    t0 = time.perf_counter()
     first["hand"] = {k: v.item() for k, v in hand.step(batches[0]).items()}
     sync()
+    first_step_s["hand"] = time.perf_counter() - t0
     mem["rss_after_hand"] = rss_bytes()
     if cuda:
         mem["cuda_after_hand"] = torch.cuda.memory_allocated()
@@ -363,7 +386,11 @@ def main(argv=None) -> int:
 
     print(f"{cfg.student.name} <- {cfg.teacher.name} | batch {a.batch_size} x {a.image_size} px | "
           f"{'shards ' + shards if shards else 'random tensors'} | {a.threads} threads | "
-          f"{a.rounds} x {a.steps} steps per path | {env.device}", flush=True)
+          f"{a.rounds} x {a.steps} steps per path | {env.device}"
+          + (f" | compiled ({a.compile_backend})" if a.compile else "")
+          + (" | channels-last" if a.channels_last else ""), flush=True)
+    print("first step (compilation included): " + ", ".join(f"{p} {first_step_s[p]:.2f} s" for p in PATHS),
+          flush=True)
     rounds, loading = [], []
     split = {p: [] for p in PATHS}
     n = max(a.rounds, a.split_rounds)
@@ -453,11 +480,13 @@ def main(argv=None) -> int:
                    "batch_size": a.batch_size, "image_size": a.image_size, "steps": a.steps,
                    "rounds": a.rounds, "split_rounds": a.split_rounds, "warmup": a.warmup,
                    "batches": a.batches, "threads": a.threads, "data": shards or "random",
+                   "compile": a.compile_backend if a.compile else False, "channels_last": a.channels_last,
                    "device": str(env.device), "loss_weights": {k: getattr(stage.loss, k) for k in (
                        "task_weight", "kd_weight", "at_weight", "sp_weight", "temperature",
                        "focal_alpha", "focal_gamma")},
                    "deepspeed": ds_config},
         "rounds": rounds,
+        "first_step_s": {p: round(first_step_s[p], 3) for p in PATHS},
         "summary": {p: {"median_samples_per_s": round(med[p], 2),
                         "ms_per_step": round(a.batch_size / med[p] * 1e3, 2),
                         "min_samples_per_s": round(min(sps[p]), 2),

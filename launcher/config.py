@@ -196,6 +196,20 @@ class TrainConfig:
     """ZeRO's contiguous gradient buffer. auto = off in a world of one process (the per-parameter
     copy into the bucket costs ~3 % of a step there and saves nothing; bench/README.md), DeepSpeed's
     default (on) with several ranks, where it avoids fragmentation while gradients are reduced."""
+    compile: Literal["auto", "on", "off"] = "auto"
+    """Compile the student with its objective (DeepSpeed's `engine.compile()`, torch.compile
+    underneath) and the frozen teacher (torch.compile). auto = on for CUDA, off on CPU, where
+    bench/distill_step.py measured the compiled step slower at the demo's sizes and the first step
+    pays minutes of compilation. ZeRO stage 0-2 only. The first step's time, compilation included,
+    is logged apart (`train/time/compile_s`)."""
+    compile_backend: str = "inductor"
+    """torch.compile backend when compiling (`aot_eager` traces without generating code: a quick
+    check that the step compiles without graph breaks)."""
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    """Channels-last memory format (NHWC, what tensor cores want) for the images, hence every
+    activation of both networks, and the teacher's weights. The student's weights stay as ZeRO
+    keeps them (its flat buffers, and the broadcast at start-up, need contiguous tensors): the
+    convolutions take the input's layout. auto = on for CUDA, off on CPU."""
     log_every: int = 10
     """Optimizer steps between TensorBoard scalar writes (the only steps that call .item())."""
     max_steps: int = 0
@@ -240,6 +254,11 @@ class TrainConfig:
         if self.grad_shares_every and self.zero_stage == 3:
             raise ConfigError("train.grad_shares_every needs whole parameters on every rank: ZeRO stage "
                               "0-2 (stage 3 partitions them)")
+        if self.compile == "on" and self.zero_stage == 3:
+            raise ConfigError("train.compile=on works with ZeRO stage 0-2: stage 3 gathers and releases "
+                              "parameters in hooks around every module, which break the compiled graph; "
+                              "use train.zero_stage 0, 1 or 2 (a 1 M-parameter student gains nothing "
+                              "from partitioning its weights)")
 
 
 @dataclass
@@ -445,6 +464,12 @@ def check_device(cfg: Config, cuda: bool) -> None:
         if value == "fp16":
             raise ConfigError(f"{key}=fp16 needs a GPU (DeepSpeed has no fp16 on CPU, and this machine "
                               f"has no CUDA device): use fp32, bf16 or auto")
+
+
+def resolve_switch(value: str, cuda: bool, zero_stage: int = 0) -> bool:
+    """An `auto | on | off` field (train.compile, train.channels_last): auto = on for CUDA (and,
+    for compile, ZeRO stage 0-2)."""
+    return value == "on" or (value == "auto" and cuda and zero_stage < 3)
 
 
 def resolve_precision(precision: str, cuda: bool) -> str:

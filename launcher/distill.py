@@ -113,15 +113,20 @@ def make_loaders(cfg, env, skipped: Skipped):
     return train_for, evals
 
 
-def build_teacher(cfg, classes: int, dtype):
-    """Frozen teacher in DeepSpeed's inference engine, with an explicit dtype (its default is fp16)."""
+def build_teacher(cfg, classes: int, dtype, run=None):
+    """Frozen teacher in DeepSpeed's inference engine, with an explicit dtype (its default is fp16);
+    with `run` (launcher.trainer.Run), in its memory format and compiled when the run compiles."""
     if cfg.run.mode != "distill":
         return None
     import deepspeed
     t = create_teacher(cfg.teacher.name, classes, checkpoint=cfg.teacher.checkpoint,
                        in_chans=cfg.teacher.in_chans, feature_indices=cfg.teacher.feature_indices)
+    if run is not None:
+        t.to(memory_format=run.memory_format)
     teacher = deepspeed.init_inference(t, dtype=dtype, replace_with_kernel_inject=False)
     teacher.module.eval()
+    if run is not None and run.compile:  # in place: the module's state dict and methods are unchanged
+        teacher.module.compile(backend=cfg.train.compile_backend)
     return teacher
 
 
@@ -149,6 +154,8 @@ def describe(cfg, run: Run, env, resume_tag: str | None) -> str:
             f"{cfg.run.mode}: {cfg.student.name}" + (f" <- {cfg.teacher.name}" if cfg.run.mode == "distill" else "")
             + f" | stages {[f'{s.name}:{s.epochs}ep' for s in run.stages]} x {run.steps_per_epoch} steps"
             + f", ZeRO-{cfg.train.zero_stage}, {run.precision}"
+            + (f", compiled ({cfg.train.compile_backend})" if run.compile else "")
+            + (", channels-last" if run.memory_format == torch.channels_last else "")
             + (f" | resuming from {resume_tag}" if resume_tag else ""))
 
 
@@ -214,7 +221,7 @@ def main(argv=None) -> int:
         return stop_with(str(e), env, lock)
     run = Run.plan(cfg, manifest, env.world_size, env.device.type == "cuda",
                    skipped.count(cfg.data.train_split))
-    teacher = build_teacher(cfg, len(manifest["label_names"]), run.teacher_dtype)
+    teacher = build_teacher(cfg, len(manifest["label_names"]), run.teacher_dtype, run)
     checkpointer = Checkpointer(run.dir, cfg.train.keep_checkpoints, env.is_main)
     try:  # every rank reads the same files: they agree without a word
         resume_tag, start = checkpointer.resume_position(args.resume)

@@ -20,7 +20,7 @@ import torch
 
 from data_pipeline.loader_common import batches_per_epoch
 from launcher.checkpoints import Checkpointer, Position, SampleLog, newest_complete
-from launcher.config import deepspeed_config, resolve_precision
+from launcher.config import deepspeed_config, resolve_precision, resolve_switch
 from launcher.dist import all_gather_with_grad, average_batchnorm_stats
 from launcher.engine import log_grad_shares, train_step
 from launcher.monitor import Progress
@@ -31,6 +31,12 @@ from rmsnet.objective import TERMS, DistillTask
 from rmsnet.teachers import create_tapped_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def graph_counts() -> tuple[int, int]:
+    """(graphs compiled, graph breaks) so far in this process, from torch.compile's counters."""
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,8 @@ class Run:
     precision: str
     student_dtype: torch.dtype
     teacher_dtype: torch.dtype | None
+    compile: bool = False
+    memory_format: torch.memory_format = torch.contiguous_format
 
     @classmethod
     def plan(cls, cfg, manifest: dict, world_size: int, cuda: bool, skipped: int = 0) -> "Run":
@@ -63,8 +71,10 @@ class Run:
         precision = resolve_precision(t.precision, cuda)
         teacher_dtype = (DTYPES[resolve_precision(cfg.teacher.dtype, cuda)]
                          if cfg.run.mode == "distill" else None)
+        memory_format = torch.channels_last if resolve_switch(t.channels_last, cuda) else torch.contiguous_format
         return cls(cfg.run_dir, stages, steps_per_epoch, min(total, t.max_steps) if t.max_steps else total,
-                   t.gradient_accumulation_steps, precision, DTYPES[precision], teacher_dtype)
+                   t.gradient_accumulation_steps, precision, DTYPES[precision], teacher_dtype,
+                   resolve_switch(t.compile, cuda, t.zero_stage), memory_format)
 
 
 @dataclass(frozen=True)
@@ -103,6 +113,8 @@ class Trainer:
         self.eval_tag = cfg.student.name if cfg.run.mode == "supervised" else "student"
         self._stage = (0, run.stages[0], 0)  # (index, stage, global batch) of the stage running
         self.guard = NonFiniteGuard(cfg.train.max_bad_steps, env.device)
+        self._compile_pending = False  # the next step is the first of a compiled engine
+        self._graphs = (0, 0)  # graph_counts() after that first step
 
     def _check_finite(self, before: str, engine=None) -> None:
         """Collective: stop (NonFiniteTraining) when training went non-finite; with `engine`, also
@@ -143,6 +155,9 @@ class Trainer:
             (run.dir / f"deepspeed.{stage.name}.json").write_text(json.dumps(ds_config, indent=1))
         engine, _, _, _ = deepspeed.initialize(
             model=task, model_parameters=[p for p in task.parameters() if p.requires_grad], config=ds_config)
+        if run.compile:  # compiled on its first call; that step is timed apart (`_log`)
+            engine.compile(backend=cfg.train.compile_backend)
+            self._compile_pending = True
         if resume_tag:  # `pos` is where that checkpoint stood
             self.ckpt.restore(engine, resume_tag)
         else:
@@ -155,6 +170,8 @@ class Trainer:
                 self.validate(engine, pos)
             pos = Position(si, pos.epoch + 1, pos.step)
             self._after_step(engine, pos, epoch_end=True)
+        if run.compile and not self._compile_pending:
+            self._check_recompiles(pos.step)
         self._check_finite(f"exporting stage {stage.name}", engine)
         self.ckpt.export(engine, Path("stages") / stage.name / "model.pt",
                          {"stage": stage.name, "step": pos.step})
@@ -177,8 +194,13 @@ class Trainer:
             shares_now = (bool(t.grad_shares_every) and (step + 1) % t.grad_shares_every == 0
                           and (i + 1) % run.accum == 0)
             grad_norms = {} if shares_now else None
-            batch["image"] = batch["image"].to(run.student_dtype)
+            batch["image"] = batch["image"].to(run.student_dtype, memory_format=run.memory_format)
+            first = self._compile_pending
+            t_first = time.perf_counter()
             terms = train_step(engine, self.teacher, batch, run.teacher_dtype, timings, grad_norms)
+            if first:
+                self._compile_done(step, time.perf_counter() - t_first)
+                t_log, last_log = time.perf_counter(), step + 1  # throughput starts after it
             if grad_norms:
                 log_grad_shares(self.monitor, grad_norms, step + 1)
             if self.sample_log is not None:
@@ -211,6 +233,27 @@ class Trainer:
                 self.ckpt.save(engine, self._stage[1].name, pos)
             raise Preempted(f"stopped on request after epoch {pos.epoch} of stage {self._stage[1].name}"
                             if epoch_end else f"stopped on request at step {pos.step}")
+
+    def _compile_done(self, step: int, seconds: float) -> None:
+        """The first step of a compiled engine ran (compiling student, objective and teacher):
+        its time and graph counts are reported apart, and the throughput figures start after it."""
+        self._compile_pending = False
+        if self.env.device.type == "cuda":
+            torch.cuda.synchronize()
+        self._graphs = graph_counts()
+        self.monitor.scalars({"time/compile_s": seconds, "compile/graphs": self._graphs[0],
+                              "compile/graph_breaks": self._graphs[1]}, step + 1, "train/")
+        self.monitor.print(f"compiled ({self.cfg.train.compile_backend}): the first step took {seconds:.1f} s; "
+                           f"{self._graphs[0]} graphs, {self._graphs[1]} graph breaks")
+
+    def _check_recompiles(self, step: int) -> None:
+        """At a compiled stage's end: a graph compiled after the first step is a recompilation
+        (a guard failed: a shape, dtype or flag changed between steps), which costs a compile."""
+        graphs, breaks = graph_counts()
+        self.monitor.scalars({"compile/graphs": graphs, "compile/graph_breaks": breaks}, step, "train/")
+        if graphs > self._graphs[0]:
+            self.monitor.print(f"warning: the compiled step recompiled {graphs - self._graphs[0]} time(s) after "
+                               f"its first step ({graphs} graphs by step {step}): check TORCH_LOGS=recompiles")
 
     def _log(self, engine, terms: dict, timings: dict, at: Position, steps_per_s: float) -> None:
         values = {k: terms[k].item() for k in ("loss",) + TERMS if k in terms}

@@ -13,12 +13,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_distill_step_bench_runs_both_paths_and_writes_json(tmp_path, cxr_shards):
+@pytest.mark.parametrize("variant", [[], ["--compile", "--compile-backend", "aot_eager", "--channels-last"]],
+                         ids=["eager", "compiled"])
+def test_distill_step_bench_runs_both_paths_and_writes_json(tmp_path, cxr_shards, variant):
     out = tmp_path / "distill_step.json"
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "distill_step.py"), "--steps", "2",
                            "--rounds", "1", "--split-rounds", "1", "--warmup", "1", "--batch-size", "4",
                            "--image-size", "48", "--loader-batches", "3", "--shards", str(cxr_shards),
-                           "--out", str(out)],
+                           "--out", str(out), *variant],
                           cwd=REPO, capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "|---" in proc.stdout, "a table is printed"
@@ -36,3 +38,6 @@ def test_distill_step_bench_runs_both_paths_and_writes_json(tmp_path, cxr_shards
     # Same models, same batch, same objective: the paths agree before either has stepped.
     assert result["checks"]["first_step_loss_abs_diff"] < 1e-4
     assert result["checks"]["lr_matches"]
+    assert set(result["first_step_s"]) == {"project", "hand"}
+    assert result["config"]["compile"] == ("aot_eager" if variant else False)
+    assert result["config"]["channels_last"] == bool(variant)
