@@ -198,10 +198,11 @@ class TrainConfig:
     default (on) with several ranks, where it avoids fragmentation while gradients are reduced."""
     compile: Literal["auto", "on", "off"] = "auto"
     """Compile the student with its objective (DeepSpeed's `engine.compile()`, torch.compile
-    underneath) and the frozen teacher (torch.compile). auto = on for CUDA, off on CPU, where
-    bench/distill_step.py measured the compiled step slower at the demo's sizes and the first step
-    pays minutes of compilation. ZeRO stage 0-2 only. The first step's time, compilation included,
-    is logged apart (`train/time/compile_s`)."""
+    underneath) and the frozen teacher (torch.compile). auto = on for CUDA, off on CPU: at the
+    demo's sizes on 2 cores (bench/README.md) the compiled step ran ~20 % faster, but its first
+    step took 140 s of compilation per rank, more than a demo-sized run saves. ZeRO stage 0-2
+    only. The first step's time, compilation included, is logged apart (`train/time/compile_s`),
+    with the graph and graph-break counts (`train/compile/*`); a recompilation is warned about."""
     compile_backend: str = "inductor"
     """torch.compile backend when compiling (`aot_eager` traces without generating code: a quick
     check that the step compiles without graph breaks)."""
