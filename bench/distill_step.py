@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import copy
 import ctypes
 import gc
@@ -134,13 +135,17 @@ def warmup_cosine_lr(k: int, base_lr: float, p: dict) -> float:
 class HandLoop:
     """Plain PyTorch: the same computation as DistillTask + DeepSpeed, without either."""
 
-    def __init__(self, teacher, student, loss_cfg, multilabel: bool, ds_config: dict):
+    def __init__(self, teacher, student, loss_cfg, multilabel: bool, ds_config: dict, bf16: bool = False):
         self.teacher, self.student, self.c, self.multilabel = teacher, student, loss_cfg, multilabel
         opt = ds_config["optimizer"]["params"]
         self.base_lr, self.clip = opt["lr"], ds_config["gradient_clipping"]
         self.schedule = ds_config["scheduler"]["params"]
+        cuda = next(student.parameters()).is_cuda
         self.opt = torch.optim.AdamW(student.parameters(), lr=opt["lr"], betas=tuple(opt["betas"]),
-                                     eps=opt["eps"], weight_decay=opt["weight_decay"])
+                                     eps=opt["eps"], weight_decay=opt["weight_decay"],
+                                     fused=cuda or None)  # the fused CUDA kernel where there is one
+        self.autocast = (torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16) if bf16
+                         else contextlib.nullcontext())
         self.k = 0  # optimizer steps taken
 
     def lr(self) -> float:
@@ -150,11 +155,14 @@ class HandLoop:
         x, y = batch["image"], batch["label"]  # (b, 1, s, s), (b, C)
         c, sync = self.c, (torch.cuda.synchronize if (timings is not None and x.is_cuda) else (lambda: None))
         t0 = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), self.autocast:
             t_logits, t_feats = self.teacher(x)  # (b, C), [(b, c_i, h_i, w_i)]
         sync()
         t1 = time.perf_counter()
-        logits, feats = self.student(x)
+        with self.autocast:
+            logits, feats = self.student(x)
+        logits, feats = logits.float(), [f.float() for f in feats]  # the losses in fp32
+        t_logits, t_feats = t_logits.float(), [f.float() for f in t_feats]
         terms = {"task": focal_loss(logits, y if self.multilabel else y.argmax(1), alpha=c.focal_alpha,
                                     gamma=c.focal_gamma, multilabel=self.multilabel),
                  "kd": kd_loss(logits, t_logits, temperature=c.temperature, multilabel=self.multilabel),
@@ -205,6 +213,10 @@ def parse_args(argv=None):
                         "teacher torch.compile), the hand loop's student and teacher through torch.compile; "
                         "the first step of each (compilation included) is timed apart")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="project: train.precision and teacher.dtype; hand loop: bf16 autocast around "
+                        "teacher and student forward (fp32 weights and optimizer), as a careful user writes it")
+    p.add_argument("--teacher", default=None, help="teacher architecture (default: the config's), e.g. densenet121")
     p.add_argument("--channels-last", action="store_true",
                    help="channels-last images and teacher weights in both paths, and the hand loop's "
                         "student weights (the project's stay as ZeRO keeps them)")
@@ -290,8 +302,9 @@ def main(argv=None) -> int:
     total_steps = warmup_total + (a.rounds + a.split_rounds) * a.steps + 1  # +1: the memory step
     cfg = load_config(a.config, [f"teacher.checkpoint={work / 'teacher.pt'}",
                                  f"train.batch_size_per_gpu={a.batch_size}",
-                                 f"data.image_size={a.image_size}", "train.precision=fp32",
-                                 "teacher.dtype=fp32", f"run.out_dir={work}"]
+                                 f"data.image_size={a.image_size}", f"train.precision={a.precision}",
+                                 f"teacher.dtype={a.precision}", f"run.out_dir={work}"]
+                      + ([f"teacher.name={a.teacher}"] if a.teacher else [])
                       + ([f"data.shards={shards}"] if shards else []))
     stage = cfg.resolved_stages()[0]
     if stage.loss.hint_weight > 0 or stage.loss.sp_global_batch:
@@ -321,7 +334,7 @@ def main(argv=None) -> int:
     torch.manual_seed(cfg.run.seed)
     task = build_task(cfg, stage, manifest, teacher_ds)
     student_init = copy.deepcopy(task.student.state_dict())
-    ds_config = deepspeed_config(cfg, env.world_size, total_steps, "fp32", stage)
+    ds_config = deepspeed_config(cfg, env.world_size, total_steps, a.precision, stage)
     engine, *_ = deepspeed.initialize(model=task, config=ds_config,
                                       model_parameters=[p for p in task.parameters() if p.requires_grad])
     engine.train()
@@ -332,7 +345,7 @@ def main(argv=None) -> int:
         teacher_ds.module.compile(backend=a.compile_backend)
 
     def project_step(batch, timings=None):
-        batch = dict(batch, image=batch["image"].to(torch.float32))  # what Trainer.run_epoch does
+        batch = dict(batch, image=batch["image"].to(DTYPES[a.precision]))  # what Trainer.run_epoch does
         return train_step(engine, teacher_ds, batch, teacher_dtype, timings)
 
     lr_checks = [(engine.get_lr()[0], warmup_cosine_lr(0, ds_config["optimizer"]["params"]["lr"],
@@ -356,7 +369,7 @@ def main(argv=None) -> int:
     if a.compile:
         teacher.compile(backend=a.compile_backend)
         student.compile(backend=a.compile_backend)
-    hand = HandLoop(teacher, student, stage.loss, manifest["multilabel"], ds_config)
+    hand = HandLoop(teacher, student, stage.loss, manifest["multilabel"], ds_config, a.precision == "bf16")
     t0 = time.perf_counter()
     first["hand"] = {k: v.item() for k, v in hand.step(batches[0]).items()}
     sync()
@@ -388,7 +401,7 @@ def main(argv=None) -> int:
           f"{'shards ' + shards if shards else 'random tensors'} | {a.threads} threads | "
           f"{a.rounds} x {a.steps} steps per path | {env.device}"
           + (f" | compiled ({a.compile_backend})" if a.compile else "")
-          + (" | channels-last" if a.channels_last else ""), flush=True)
+          + (" | channels-last" if a.channels_last else "") + f" | {a.precision}", flush=True)
     print("first step (compilation included): " + ", ".join(f"{p} {first_step_s[p]:.2f} s" for p in PATHS),
           flush=True)
     rounds, loading = [], []
@@ -481,6 +494,7 @@ def main(argv=None) -> int:
                    "rounds": a.rounds, "split_rounds": a.split_rounds, "warmup": a.warmup,
                    "batches": a.batches, "threads": a.threads, "data": shards or "random",
                    "compile": a.compile_backend if a.compile else False, "channels_last": a.channels_last,
+                   "precision": a.precision,
                    "device": str(env.device), "loss_weights": {k: getattr(stage.loss, k) for k in (
                        "task_weight", "kd_weight", "at_weight", "sp_weight", "temperature",
                        "focal_alpha", "focal_gamma")},

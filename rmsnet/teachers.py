@@ -102,8 +102,10 @@ class TappedModel(nn.Module):
         if (std_t <= 0).any():
             raise ValueError(f"std must be positive, got {std}")
         # Not persistent: normalisation is configuration, and checkpoints hold only model weights.
-        self.register_buffer("mean", mean_t, persistent=False)
-        self.register_buffer("std", std_t, persistent=False)
+        # Cloned: a view of the 1-d tensor would keep an fp32 base after DeepSpeed's bf16/fp16
+        # engines swap the buffer's data, which torch.compile's tracing refuses.
+        self.register_buffer("mean", mean_t.clone(), persistent=False)
+        self.register_buffer("std", std_t.clone(), persistent=False)
         params = inspect.signature(model.forward_intermediates).parameters
         # MobileViT's last level would otherwise be its final 1x1 conv, not the last stage.
         self._tap_kwargs = {"exclude_final_conv": True} if "exclude_final_conv" in params else {}
