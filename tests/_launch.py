@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -69,3 +70,15 @@ def trained_params(run_dir: Path) -> dict:
     state = torch.load(Path(run_dir) / "final" / "model.pt", weights_only=True)["model"]
     return {k: v for k, v in state.items()
             if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+
+
+def run_signalled_at(cmd, marker: str, sig=signal.SIGUSR1, timeout: int = 300) -> tuple[int, str]:
+    """Run `cmd`, send it `sig` when a line of its output contains `marker`; (exit status, output)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        if marker in line:
+            proc.send_signal(sig)
+    return proc.wait(timeout=timeout), "".join(out)

@@ -8,15 +8,12 @@ capture in seconds; one test runs `inductor`, the backend a GPU run uses, whose 
 takes minutes to compile on two cores."""
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
 
 import pytest
 import torch
 
-from _launch import REPO, assert_same_student, python_cmd, run, tiny_run_args
+from _launch import REPO, assert_same_student, python_cmd, run, run_signalled_at, tiny_run_args
 
 CFG = REPO / "launcher" / "configs" / "demo_distill.yaml"
 # inductor against eager over 3 optimizer steps: every loss term and the global gradient norm of
@@ -76,14 +73,8 @@ def test_a_compiled_run_has_no_graph_break_nor_recompile_and_resumes_exactly(cxr
     graphs = _scalars(tmp_path / "full" / "student", "train/compile/graphs")
     assert len(graphs) == 2 and graphs[0] == graphs[1]  # after the first step, at the stage's end
 
-    proc = subprocess.Popen(python_cmd(*args(tmp_path / "stopped")), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    out = []
-    for line in proc.stdout:
-        out.append(line)
-        if "[step      3/" in line:
-            proc.send_signal(signal.SIGUSR1)
-    assert proc.wait(timeout=300) == EXIT_PREEMPTED, "".join(out)[-3000:]
+    status, out = run_signalled_at(python_cmd(*args(tmp_path / "stopped")), "[step      3/")
+    assert status == EXIT_PREEMPTED, out[-3000:]
     resumed = run(python_cmd(*args(tmp_path / "stopped"), "--resume", "auto"))
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "compiled (aot_eager): the first step took" in resumed.stdout  # the resumed engine compiles anew

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from _launch import REPO, assert_same_student, deepspeed_cmd, run, tiny_run_args
+from _launch import REPO, assert_same_student, deepspeed_cmd, run, run_signalled_at, tiny_run_args
 
 CFG = REPO / "launcher" / "configs" / "demo_distill.yaml"
 
@@ -80,17 +80,11 @@ def test_sigusr1_checkpoints_exits_75_and_resumes_exactly(cxr_shards, random_tea
     full = run(python_cmd(*args(tmp_path / "full")))
     assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
 
-    proc = subprocess.Popen(python_cmd(*args(tmp_path / "stopped")), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    out = []
-    for line in proc.stdout:
-        out.append(line)
-        if "[step      3/" in line:
-            proc.send_signal(signal.SIGUSR1)
-    assert proc.wait(timeout=300) == EXIT_PREEMPTED, "".join(out)[-3000:]
+    status, out = run_signalled_at(python_cmd(*args(tmp_path / "stopped")), "[step      3/")
+    assert status == EXIT_PREEMPTED, out[-3000:]
     run_dir = tmp_path / "stopped" / "student"
     assert (run_dir / PREEMPTED_MARKER).is_file()
-    assert "stopped on request at step" in "".join(out)
+    assert "stopped on request at step" in out
 
     resumed = run(python_cmd(*args(tmp_path / "stopped"), "--resume", "auto"))
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
