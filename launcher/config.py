@@ -199,8 +199,8 @@ class TrainConfig:
     compile: Literal["auto", "on", "off"] = "auto"
     """Compile the student with its objective (DeepSpeed's `engine.compile()`, torch.compile
     underneath) and the frozen teacher (torch.compile). auto = on for CUDA, off on CPU: at the
-    demo's sizes on 2 cores (bench/README.md) the compiled step ran ~20 % faster, but its first
-    step took 140 s of compilation per rank, more than a demo-sized run saves. ZeRO stage 0-2
+    demo's sizes on 2 cores (bench/README.md) the compiled step ran 5 to 22 % faster, but its
+    first step took 140 s of compilation per rank, more than a demo-sized run saves. ZeRO stage 0-2
     only. The first step's time, compilation included, is logged apart (`train/time/compile_s`),
     with the graph and graph-break counts (`train/compile/*`); a recompilation is warned about."""
     compile_backend: str = "inductor"
