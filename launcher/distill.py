@@ -34,7 +34,8 @@ from data_pipeline.loader_common import AugmentSpec
 from data_pipeline.manifest import read_manifest
 from data_pipeline.read_checks import DamagedSample, DamagedShard
 from launcher.checkpoints import CheckpointDamaged, Checkpointer
-from launcher.config import ConfigError, check_device, check_world, dump_yaml, load_config
+from launcher.config import ConfigError, dump_yaml, load_config
+from launcher.ds_config import check_device, check_world
 from launcher.dist import barrier, detect_env, first_error, init_distributed, shutdown
 from launcher.model_loading import CheckpointError, check_pretrained_file, check_teacher_file
 from launcher.monitor import Monitor, NullMonitor

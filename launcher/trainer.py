@@ -20,7 +20,7 @@ import torch
 
 from data_pipeline.loader_common import batches_per_epoch
 from launcher.checkpoints import Checkpointer, Position, SampleLog, newest_complete
-from launcher.config import deepspeed_config, resolve_precision, resolve_switch
+from launcher.ds_config import deepspeed_config, resolve_precision, resolve_switch
 from launcher.dist import all_gather_with_grad, average_batchnorm_stats
 from launcher.engine import log_grad_shares, train_step
 from launcher.monitor import Progress

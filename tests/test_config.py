@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher.config import ConfigError, deepspeed_config, dump_yaml, load_config
+from launcher.config import ConfigError, dump_yaml, load_config
+from launcher.ds_config import deepspeed_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "launcher" / "configs"
 TEACHER, DISTILL = CONFIGS / "demo_teacher.yaml", CONFIGS / "demo_distill.yaml"
