@@ -155,7 +155,7 @@ class Trainer:
             (run.dir / f"deepspeed.{stage.name}.json").write_text(json.dumps(ds_config, indent=1))
         engine, _, _, _ = deepspeed.initialize(
             model=task, model_parameters=[p for p in task.parameters() if p.requires_grad], config=ds_config)
-        if run.compile:  # compiled on its first call; that step is timed apart (`_log`)
+        if run.compile:  # compiled on its first call; that step is timed apart (`_compile_done`)
             engine.compile(backend=cfg.train.compile_backend)
             self._compile_pending = True
         if resume_tag:  # `pos` is where that checkpoint stood
@@ -199,7 +199,7 @@ class Trainer:
             t_first = time.perf_counter()
             terms = train_step(engine, self.teacher, batch, run.teacher_dtype, timings, grad_norms)
             if first:
-                self._compile_done(step, time.perf_counter() - t_first)
+                self._compile_done(step, t_first)
                 t_log, last_log = time.perf_counter(), step + 1  # throughput starts after it
             if grad_norms:
                 log_grad_shares(self.monitor, grad_norms, step + 1)
@@ -234,12 +234,14 @@ class Trainer:
             raise Preempted(f"stopped on request after epoch {pos.epoch} of stage {self._stage[1].name}"
                             if epoch_end else f"stopped on request at step {pos.step}")
 
-    def _compile_done(self, step: int, seconds: float) -> None:
-        """The first step of a compiled engine ran (compiling student, objective and teacher):
-        its time and graph counts are reported apart, and the throughput figures start after it."""
+    def _compile_done(self, step: int, started: float) -> None:
+        """The first step of a compiled engine (begun at perf_counter `started`) ran, compiling
+        student, objective and teacher: its time (the GPU's queued work included) and graph counts
+        are reported apart, and the throughput figures start after it."""
         self._compile_pending = False
         if self.env.device.type == "cuda":
             torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
         self._graphs = graph_counts()
         self.monitor.scalars({"time/compile_s": seconds, "compile/graphs": self._graphs[0],
                               "compile/graph_breaks": self._graphs[1]}, step + 1, "train/")
