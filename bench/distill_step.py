@@ -61,10 +61,9 @@ from launcher.dist import init_distributed, shutdown  # noqa: E402
 from launcher.distill import build_teacher  # noqa: E402
 from launcher.trainer import DTYPES, build_task  # noqa: E402
 from launcher.engine import train_step  # noqa: E402
+from launcher.host_syncs import HostSyncAudit, print_summary  # noqa: E402
 from rmsnet.teachers import create_tapped_model, create_teacher  # noqa: E402
 
-PATHS = ("project", "hand")
-LABELS = {"project": "project (DeepSpeed ZeRO-{stage} + train_step)", "hand": "hand-written torch loop"}
 MiB = 2 ** 20
 
 
@@ -145,9 +144,16 @@ def parse_args(argv=None):
     p.add_argument("--channels-last", action="store_true",
                    help="channels-last images and teacher weights in both paths, and the hand loop's "
                         "student weights (the project's stay as ZeRO keeps them)")
+    p.add_argument("--zero-stages", default=None,
+                   help="comma-separated ZeRO stages among 0,1,2: one project path per stage, side by side "
+                        "(default: the config's train.zero_stage)")
+    p.add_argument("--sync-audit", type=int, default=0, metavar="N",
+                   help="after the warm-up, N steps per path under launcher.host_syncs.HostSyncAudit (every "
+                        "op that makes the host wait; on CUDA also torch.cuda.set_sync_debug_mode): "
+                        "printed and in the JSON's host_syncs, kept out of the timed rounds")
     p.add_argument("--out", type=Path, default=RESULTS / "distill_step.json")
     a = p.parse_args(argv)
-    if min(a.steps, a.rounds, a.batches, a.threads, a.batch_size) < 1 or a.split_rounds < 0:
+    if min(a.steps, a.rounds, a.batches, a.threads, a.batch_size) < 1 or min(a.split_rounds, a.sync_audit) < 0:
         p.error("--steps, --rounds, --batches, --threads, --batch-size must be >= 1")
     return a
 
@@ -209,6 +215,103 @@ def _repo_relative(path) -> str:
     return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(path)
 
 
+class Paths:
+    """The timed paths by name: steppers (batch, timings=None) -> loss terms, in a fixed order.
+    Project paths are named `project` (one ZeRO stage) or `project_z<stage>` (several); the
+    baselines `hand` (the careful hand-written loop: compiled with --compile) and `hand_eager` (with
+    --compile only: the same loop uncompiled, the eager baseline column)."""
+
+    def __init__(self):
+        self.step, self.label, self.engine, self.first_s, self.first = {}, {}, {}, {}, {}
+
+    def add(self, name, label, stepper, engine=None):
+        self.step[name], self.label[name] = stepper, label
+        if engine is not None:
+            self.engine[name] = engine
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.step)
+
+    @property
+    def projects(self) -> list[str]:
+        return [p for p in self.step if p.startswith("project")]
+
+    @property
+    def baselines(self) -> list[str]:
+        return [p for p in self.step if p.startswith("hand")]
+
+
+def _zero_stages(a, cfg) -> list[int]:
+    if not a.zero_stages:
+        return [cfg.train.resolved_zero_stage()]
+    try:
+        stages = [int(s) for s in a.zero_stages.split(",")]
+    except ValueError:
+        raise SystemExit(f"error: --zero-stages takes stages such as 0,1,2, got {a.zero_stages!r}")
+    if not stages or any(s not in (0, 1, 2) for s in stages) or len(set(stages)) < len(stages):
+        raise SystemExit(f"error: --zero-stages takes distinct stages among 0, 1, 2, got {a.zero_stages!r}")
+    return stages
+
+
+def build_projects(paths, a, overrides, manifest, env, total_steps):
+    """The project path once per ZeRO stage, each exactly as launcher/distill.py builds it, sharing
+    one frozen teacher (in DeepSpeed's inference engine; compiled once with --compile). Returns
+    (teacher dtype, the first engine's DeepSpeed JSON, the student's initial weights)."""
+    import deepspeed
+    cfg = load_config(a.config, overrides)
+    stages = _zero_stages(a, cfg)
+    stage = cfg.resolved_stages()[0]
+    cuda = env.device.type == "cuda"
+    teacher_dtype = DTYPES[resolve_precision(cfg.teacher.dtype, cuda)]
+    fmt = torch.channels_last if a.channels_last else torch.contiguous_format
+    teacher_ds = build_teacher(cfg, len(manifest["label_names"]), teacher_dtype)
+    teacher_ds.module.to(memory_format=fmt)
+    if a.compile:  # what distill.build_teacher does with train.compile=on
+        teacher_ds.module.compile(backend=a.compile_backend)
+    first_config, student_init = None, None
+    for z in stages:
+        zcfg = load_config(a.config, overrides + [f"train.zero_stage={z}"])
+        torch.manual_seed(cfg.run.seed)
+        task = build_task(zcfg, stage, manifest, teacher_ds)
+        if student_init is None:
+            student_init = copy.deepcopy(task.student.state_dict())
+        task.student.load_state_dict(student_init)
+        ds_config = deepspeed_config(zcfg, env.world_size, total_steps, a.precision, stage, cuda=cuda)
+        first_config = first_config or ds_config
+        engine, *_ = deepspeed.initialize(model=task, config=ds_config,
+                                          model_parameters=[p for p in task.parameters() if p.requires_grad])
+        engine.train()
+        if a.compile:  # what Trainer.run_stage does with train.compile=on
+            engine.compile(backend=a.compile_backend)
+
+        def project_step(batch, timings=None, engine=engine):
+            batch = dict(batch, image=batch["image"].to(DTYPES[a.precision]))  # what Trainer.run_epoch does
+            return train_step(engine, teacher_ds, batch, teacher_dtype, timings)
+
+        name = "project" if len(stages) == 1 else f"project_z{z}"
+        label = f"project (DeepSpeed ZeRO-{z} + train_step{', compiled' if a.compile else ''})"
+        paths.add(name, label, project_step, engine)
+    return teacher_dtype, first_config, student_init
+
+
+def build_hand(cfg, stage, manifest, a, env, ds_config, student_init, compiled: bool) -> HandLoop:
+    """The hand-written loop with its own teacher (same checkpoint) and the student's initial weights."""
+    classes = len(manifest["label_names"])
+    teacher = create_teacher(cfg.teacher.name, classes, checkpoint=cfg.teacher.checkpoint,
+                             in_chans=cfg.teacher.in_chans, feature_indices=cfg.teacher.feature_indices)
+    student = create_tapped_model(cfg.student.name, classes, in_chans=cfg.student.in_chans,
+                                  feature_indices=cfg.student.feature_indices,
+                                  drop_rate=cfg.student.drop_rate)
+    student.load_state_dict(student_init)
+    fmt = torch.channels_last if a.channels_last else torch.contiguous_format
+    teacher.to(env.device, memory_format=fmt), student.to(env.device, memory_format=fmt).train()
+    if compiled:
+        teacher.compile(backend=a.compile_backend)
+        student.compile(backend=a.compile_backend)
+    return HandLoop(teacher, student, stage.loss, manifest["multilabel"], ds_config, a.precision == "bf16")
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -224,20 +327,20 @@ def main(argv=None) -> int:
         "label_names": [f"class{i}" for i in range(14)], "multilabel": True}
     classes = len(manifest["label_names"])
     warmup_total = 1 + a.warmup
-    total_steps = warmup_total + (a.rounds + a.split_rounds) * a.steps + 1  # +1: the memory step
-    cfg = load_config(a.config, [f"teacher.checkpoint={work / 'teacher.pt'}",
-                                 f"train.batch_size_per_gpu={a.batch_size}",
-                                 f"data.image_size={a.image_size}", f"train.precision={a.precision}",
-                                 f"teacher.dtype={a.precision}", f"run.out_dir={work}"]
-                      + ([f"teacher.name={a.teacher}"] if a.teacher else [])
-                      + ([f"data.shards={shards}"] if shards else []))
+    total_steps = warmup_total + a.sync_audit + (a.rounds + a.split_rounds) * a.steps + 1  # +1: the memory step
+    overrides = ([f"teacher.checkpoint={work / 'teacher.pt'}", f"train.batch_size_per_gpu={a.batch_size}",
+                  f"data.image_size={a.image_size}", f"train.precision={a.precision}",
+                  f"teacher.dtype={a.precision}", f"run.out_dir={work}"]
+                 + ([f"teacher.name={a.teacher}"] if a.teacher else [])
+                 + ([f"data.shards={shards}"] if shards else []))
+    cfg = load_config(a.config, overrides)
     stage = cfg.resolved_stages()[0]
     if stage.loss.hint_weight > 0 or stage.loss.sp_global_batch:
         raise SystemExit("error: the hand-written loop covers focal + KD + AT + SP (no hint, no global SP)")
+    _zero_stages(a, cfg)  # a bad --zero-stages fails before anything is built
 
     env = init_distributed()  # world 1, gloo on CPU / nccl on a GPU
-    torch.set_num_threads(a.threads)  # init_distributed sets cores // local ranks; both paths get this
-    import deepspeed
+    torch.set_num_threads(a.threads)  # init_distributed sets cores // local ranks; every path gets this
     info = machine()
     cuda = env.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -248,169 +351,167 @@ def main(argv=None) -> int:
     torch.save(t.model.state_dict(), work / "teacher.pt")
     del t
     batches = preload(cfg, shards, manifest, a, env.device)
-    mem = {"rss_start": rss_bytes()}
-
-    # (a) the project path, exactly as launcher/distill.py builds it.
+    mem = {"rss_start": rss_bytes(), "cuda_start": torch.cuda.memory_allocated() if cuda else None}
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-        cuda_start = torch.cuda.memory_allocated()
-    teacher_dtype = DTYPES[resolve_precision(cfg.teacher.dtype, cuda)]
-    teacher_ds = build_teacher(cfg, classes, teacher_dtype)
-    torch.manual_seed(cfg.run.seed)
-    task = build_task(cfg, stage, manifest, teacher_ds)
-    student_init = copy.deepcopy(task.student.state_dict())
-    ds_config = deepspeed_config(cfg, env.world_size, total_steps, a.precision, stage)
-    engine, *_ = deepspeed.initialize(model=task, config=ds_config,
-                                      model_parameters=[p for p in task.parameters() if p.requires_grad])
-    engine.train()
-    fmt = torch.channels_last if a.channels_last else torch.contiguous_format
-    teacher_ds.module.to(memory_format=fmt)
-    if a.compile:  # what Trainer.run_stage and distill.build_teacher do with train.compile=on
-        engine.compile(backend=a.compile_backend)
-        teacher_ds.module.compile(backend=a.compile_backend)
 
-    def project_step(batch, timings=None):
-        batch = dict(batch, image=batch["image"].to(DTYPES[a.precision]))  # what Trainer.run_epoch does
-        return train_step(engine, teacher_ds, batch, teacher_dtype, timings)
+    def usage():
+        return torch.cuda.memory_allocated() if cuda else rss_bytes()
 
-    lr_checks = [(engine.get_lr()[0], warmup_cosine_lr(0, ds_config["optimizer"]["params"]["lr"],
-                                                       ds_config["scheduler"]["params"]))]
-    t0 = time.perf_counter()
-    first = {"project": {k: v.item() for k, v in project_step(batches[0]).items()}}
-    sync()
-    first_step_s = {"project": time.perf_counter() - t0}
-    mem["rss_after_project"] = rss_bytes()
-    if cuda:
-        mem["cuda_after_project"] = torch.cuda.memory_allocated()
+    i = {}  # next batch index per path: every path sees the same sequence
 
-    # (b) the hand-written loop: its own teacher (same checkpoint), the student's initial weights.
-    teacher = create_teacher(cfg.teacher.name, classes, checkpoint=cfg.teacher.checkpoint,
-                             in_chans=cfg.teacher.in_chans, feature_indices=cfg.teacher.feature_indices)
-    student = create_tapped_model(cfg.student.name, classes, in_chans=cfg.student.in_chans,
-                                  feature_indices=cfg.student.feature_indices,
-                                  drop_rate=cfg.student.drop_rate)
-    student.load_state_dict(student_init)
-    teacher.to(env.device, memory_format=fmt), student.to(env.device, memory_format=fmt).train()
-    if a.compile:
-        teacher.compile(backend=a.compile_backend)
-        student.compile(backend=a.compile_backend)
-    hand = HandLoop(teacher, student, stage.loss, manifest["multilabel"], ds_config, a.precision == "bf16")
-    t0 = time.perf_counter()
-    first["hand"] = {k: v.item() for k, v in hand.step(batches[0]).items()}
-    sync()
-    first_step_s["hand"] = time.perf_counter() - t0
-    mem["rss_after_hand"] = rss_bytes()
-    if cuda:
-        mem["cuda_after_hand"] = torch.cuda.memory_allocated()
-    steppers = {"project": project_step, "hand": lambda b, timings=None: hand.step(b, timings)}
+    def first_step(name):  # compilation included; the GPU's queued work counted
+        t0 = time.perf_counter()
+        paths.first[name] = {k: v.item() for k, v in paths.step[name](batches[0]).items()}
+        sync()
+        paths.first_s[name] = time.perf_counter() - t0
+        i[name] = 1
 
-    i = {"project": 1, "hand": 1}  # next batch index per path: both see the same sequence
+    # (a) the project path(s), (b) the hand-written loop(s): built and first-stepped in turn, so
+    # each one's persistent memory is what it added.
+    paths, persistent = Paths(), {}
+    before = usage()
+    teacher_dtype, ds_config, student_init = build_projects(paths, a, overrides, manifest, env, total_steps)
+    for name in paths.projects:
+        first_step(name)
+        persistent[name] = None if before is None else usage() - before  # the first includes the teacher
+        before = usage()
+    hands = {"hand": build_hand(cfg, stage, manifest, a, env, ds_config, student_init, a.compile)}
+    paths.add("hand", "hand-written torch loop" + (", compiled" if a.compile else ""),
+              lambda b, timings=None: hands["hand"].step(b, timings))
+    first_step("hand")
+    persistent["hand"] = None if before is None else usage() - before
+    if a.compile:  # the eager baseline beside the compiled one
+        before = usage()
+        hands["hand_eager"] = build_hand(cfg, stage, manifest, a, env, ds_config, student_init, False)
+        paths.add("hand_eager", "hand-written torch loop, eager",
+                  lambda b, timings=None: hands["hand_eager"].step(b, timings))
+        first_step("hand_eager")
+        persistent["hand_eager"] = None if before is None else usage() - before
+    hand = hands["hand"]
+    base_lr, schedule = ds_config["optimizer"]["params"]["lr"], ds_config["scheduler"]["params"]
+
+    def lr_check():  # every project engine's learning rate against the hand loop's, same step count
+        return [(paths.engine[p].get_lr()[0], hand.lr()) for p in paths.projects]
+    lr_checks = [[(paths.engine[p].get_lr()[0], warmup_cosine_lr(1, base_lr, schedule)) for p in paths.projects],
+                 lr_check()]
 
     def run(path, n, timings_list=None):
         sync()
         t0 = time.perf_counter()
         for _ in range(n):
             timings = {} if timings_list is not None else None
-            steppers[path](batches[i[path] % len(batches)], timings)
+            paths.step[path](batches[i[path] % len(batches)], timings)
             i[path] += 1
             if timings is not None:
                 timings_list.append(timings)
         sync()
         return time.perf_counter() - t0
 
-    for path in PATHS:
+    for path in paths.names:
         run(path, a.warmup)
-    lr_checks.append((engine.get_lr()[0], hand.lr()))
+    lr_checks.append(lr_check())
+    syncs = {}
+    for path in paths.names if a.sync_audit else ():  # outside the timed rounds: the audit is slow
+        with HostSyncAudit(dispatch=not a.compile) as audit:  # compiled: CUDA's sync debug mode only
+            run(path, a.sync_audit)
+        syncs[path] = audit.summary(a.sync_audit)
 
     print(f"{cfg.student.name} <- {cfg.teacher.name} | batch {a.batch_size} x {a.image_size} px | "
           f"{'shards ' + shards if shards else 'random tensors'} | {a.threads} threads | "
           f"{a.rounds} x {a.steps} steps per path | {env.device}"
           + (f" | compiled ({a.compile_backend})" if a.compile else "")
           + (" | channels-last" if a.channels_last else "") + f" | {a.precision}", flush=True)
-    print("first step (compilation included): " + ", ".join(f"{p} {first_step_s[p]:.2f} s" for p in PATHS),
-          flush=True)
+    print("first step (compilation included): "
+          + ", ".join(f"{p} {paths.first_s[p]:.2f} s" for p in paths.names), flush=True)
     rounds, loading = [], []
-    split = {p: [] for p in PATHS}
+    split = {p: [] for p in paths.names}
     n = max(a.rounds, a.split_rounds)
     split_at = {j * n // a.split_rounds for j in range(a.split_rounds)}  # spread over the run
+    names = paths.names
     for r in range(n):
+        order = names[r % len(names):] + names[:r % len(names)]  # each path leads in turn
         if r < a.rounds:
             if shards:
                 loading.append(time_loading(cfg, shards, r + 1, a.loader_batches, env.device))
             row = {"round": r, "load_1min": round(os.getloadavg()[0], 2)}
-            for path in (PATHS if r % 2 == 0 else PATHS[::-1]):
+            for path in order:
                 row[f"{path}_samples_per_s"] = a.steps * a.batch_size / run(path, a.steps)
-            row["ratio"] = row["project_samples_per_s"] / row["hand_samples_per_s"]
+            row["ratio"] = row[f"{paths.projects[0]}_samples_per_s"] / row["hand_samples_per_s"]
             rounds.append(row)
-            print(f"  round {r}: project {row['project_samples_per_s']:.1f}, hand "
-                  f"{row['hand_samples_per_s']:.1f} samples/s, ratio {row['ratio']:.3f}", flush=True)
+            print(f"  round {r}: " + ", ".join(f"{p} {row[p + '_samples_per_s']:.1f}" for p in names)
+                  + f" samples/s; {paths.projects[0]} / hand {row['ratio']:.3f}", flush=True)
         if r in split_at:  # phase timers: kept out of the throughput rounds, but beside them
-            for path in (PATHS if r % 2 == 0 else PATHS[::-1]):
+            for path in order:
                 run(path, a.steps, split[path])
-    lr_checks.append((engine.get_lr()[0], hand.lr()))
+    lr_checks.append(lr_check())
 
     # Peak memory of one step per path (after the timing: this changes glibc's malloc behaviour).
     if _LIBC is not None:
         _LIBC.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: fixed, so big freed blocks leave the RSS
-    step_peak = {}
-    for path in PATHS:
+    step_peak, cuda_peak = {}, torch.cuda.max_memory_allocated() if cuda else None
+    for path in names:
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
+            base = torch.cuda.memory_allocated()
             run(path, 1)
-            step_peak[path] = torch.cuda.max_memory_allocated() - before
+            step_peak[path] = torch.cuda.max_memory_allocated() - base
         else:
             with PeakRss() as pk:
                 run(path, 1)
             step_peak[path] = None if pk.base is None else pk.peak - pk.base
 
     # ---------------------------------------------------------------------------- report
-    sps = {p: [r[f"{p}_samples_per_s"] for r in rounds] for p in PATHS}
-    med = {p: median(sps[p]) for p in PATHS}
-    ratio = median([r["ratio"] for r in rounds])  # paired per round: the rounds share the load
+    sps = {p: [r[f"{p}_samples_per_s"] for r in rounds] for p in names}
+    med = {p: median(sps[p]) for p in names}
+    pairs = {f"{p}_over_{b}": median([r[f"{p}_samples_per_s"] / r[f"{b}_samples_per_s"] for r in rounds])
+             for p in paths.projects for b in paths.baselines}  # paired per round: the rounds share the load
+    main_path = paths.projects[0]
+    ratio = pairs[f"{main_path}_over_hand"]
     overhead = (1 / ratio - 1) * 100  # extra time per step of the project path
     phases = ("teacher_s", "student_s", "forward_s", "backward_s", "optimizer_s")
     split_ms = {p: {k: median([t[k] for t in split[p]]) * 1e3
-                    for k in phases if split[p] and k in split[p][0]} for p in PATHS}
+                    for k in phases if split[p] and k in split[p][0]} for p in names}
     load_ms = median([x["ms_per_batch"] for x in loading if x["ms_per_batch"]]) if loading else None
-    labels = {p: LABELS[p].format(stage=ds_config["zero_optimization"]["stage"]) for p in PATHS}
-    rows = [[labels[p], med[p], a.batch_size / med[p] * 1e3, min(sps[p]), max(sps[p])] for p in PATHS]
+    rows = [[paths.label[p], med[p], a.batch_size / med[p] * 1e3, min(sps[p]), max(sps[p])] for p in names]
     print("\n" + table(["path", "samples/s (median)", "ms/step", "min", "max"], rows))
-    best = max(sps["project"]) / max(sps["hand"])  # the least disturbed round of each path
-    print(f"\nproject / hand-written = {ratio:.3f} (median of {a.rounds} paired rounds); "
+    print("\n" + table(["ratio (median of the paired rounds)"] + paths.baselines,
+                       [[paths.label[p]] + [round(pairs[f"{p}_over_{b}"], 3) for b in paths.baselines]
+                        for p in paths.projects]))
+    best = max(sps[main_path]) / max(sps["hand"])  # the least disturbed round of each path
+    print(f"\n{main_path} / hand-written = {ratio:.3f} (median of {a.rounds} paired rounds); "
           f"overhead {overhead:+.1f} % of step time (target < 5 %); best round / best round {best:.3f}")
     spread = max(max(v) / min(v) for v in sps.values())
     if spread > 1.5:
         print(f"warning: samples/s varied {spread:.1f}x between rounds (other load on the machine): "
               f"see the per-round ratios in the JSON, or run again on a quieter machine")
-    if split_ms["project"]:
+    if split_ms[main_path]:
         def cell(p, k):
             return split_ms[p].get(k)
-        rows = [["data loading (DALI CPU, per batch; excluded above)", load_ms, load_ms],
-                ["teacher forward", cell("project", "teacher_s"), cell("hand", "teacher_s")],
-                ["student forward + loss", None, cell("hand", "forward_s")],
-                ["student backward", None, cell("hand", "backward_s")],
-                ["clip + optimizer step + zero_grad", None, cell("hand", "optimizer_s")],
-                ["student total (fwd + bwd + step)", cell("project", "student_s"), cell("hand", "student_s")]]
-        print("\n" + table(["phase (median ms per step)", "project", "hand-written"], rows))
+        rows = [["data loading (DALI CPU, per batch; excluded above)"] + [load_ms] * len(names),
+                ["teacher forward"] + [cell(p, "teacher_s") for p in names],
+                ["student forward + loss"] + [cell(p, "forward_s") for p in names],
+                ["student backward"] + [cell(p, "backward_s") for p in names],
+                ["clip + optimizer step + zero_grad"] + [cell(p, "optimizer_s") for p in names],
+                ["student total (fwd + bwd + step)"] + [cell(p, "student_s") for p in names]]
+        print("\n" + table(["phase (median ms per step)"] + names, rows))
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    if cuda:
-        persistent = {"project": mem["cuda_after_project"] - cuda_start,
-                      "hand": mem["cuda_after_hand"] - mem["cuda_after_project"]}
-    elif mem["rss_start"] is not None:
-        persistent = {"project": mem["rss_after_project"] - mem["rss_start"],
-                      "hand": mem["rss_after_hand"] - mem["rss_after_project"]}
-    else:
-        persistent = {p: None for p in PATHS}
     kind = "CUDA allocated" if cuda else "RSS"
     print("\n" + table([f"memory (MiB, {kind})", "setup + first step (persistent)", "peak during a step"],
-                       [[labels[p], mib(persistent[p]), mib(step_peak[p])] for p in PATHS]))
+                       [[paths.label[p], mib(persistent[p]), mib(step_peak[p])] for p in names]))
+    if cuda:
+        print(f"peak GPU memory of the process (torch.cuda.max_memory_allocated, every path built): "
+              f"{mib(cuda_peak)} MiB")
     print(f"process peak RSS (ru_maxrss): {mib(maxrss)} MiB")
-    loss_diff = abs(first["project"]["loss"] - first["hand"]["loss"])
-    print(f"first-step loss: project {first['project']['loss']:.6f}, hand {first['hand']['loss']:.6f} "
-          f"(|diff| {loss_diff:.2e}); lr project/hand at steps 0, {warmup_total}, "
-          f"{i['hand'] - 1}: {[(round(x, 8), round(y, 8)) for x, y in lr_checks]}")
+    for path in syncs:
+        print_summary(syncs[path], f"\nhost syncs per step, {paths.label[path]} "
+                                   f"({a.sync_audit} steps audited, launcher/host_syncs.py):")
+    ref = paths.first[main_path]["loss"]
+    loss_diff = max(abs(paths.first[p]["loss"] - ref) for p in names)
+    print(f"first-step loss: " + ", ".join(f"{p} {paths.first[p]['loss']:.6f}" for p in names)
+          + f" (max |diff| {loss_diff:.2e}); lr project/hand at steps 1, {warmup_total}, "
+          f"{i['hand'] - 1}: {[[(round(x, 8), round(y, 8)) for x, y in c] for c in lr_checks]}")
 
     result = {
         "machine": info,
@@ -419,32 +520,37 @@ def main(argv=None) -> int:
                    "rounds": a.rounds, "split_rounds": a.split_rounds, "warmup": a.warmup,
                    "batches": a.batches, "threads": a.threads, "data": shards or "random",
                    "compile": a.compile_backend if a.compile else False, "channels_last": a.channels_last,
-                   "precision": a.precision,
+                   "precision": a.precision, "zero_stages": _zero_stages(a, cfg), "sync_audit_steps": a.sync_audit,
                    "device": str(env.device), "loss_weights": {k: getattr(stage.loss, k) for k in (
                        "task_weight", "kd_weight", "at_weight", "sp_weight", "temperature",
                        "focal_alpha", "focal_gamma")},
                    "deepspeed": ds_config},
+        "paths": {p: paths.label[p] for p in names},
         "rounds": rounds,
-        "first_step_s": {p: round(first_step_s[p], 3) for p in PATHS},
+        "first_step_s": {p: round(paths.first_s[p], 3) for p in names},
         "summary": {p: {"median_samples_per_s": round(med[p], 2),
                         "ms_per_step": round(a.batch_size / med[p] * 1e3, 2),
                         "min_samples_per_s": round(min(sps[p]), 2),
-                        "max_samples_per_s": round(max(sps[p]), 2)} for p in PATHS},
+                        "max_samples_per_s": round(max(sps[p]), 2)} for p in names},
         "ratio": {"project_over_hand": round(ratio, 4), "overhead_pct": round(overhead, 2),
-                  "ratio_of_medians": round(med["project"] / med["hand"], 4),
+                  **{k: round(v, 4) for k, v in pairs.items()},
+                  "ratio_of_medians": round(med[main_path] / med["hand"], 4),
                   "ratio_of_best_rounds": round(best, 4), "max_over_min_samples_per_s": round(spread, 2),
                   "target_overhead_pct": 5.0},
-        "split_ms": {p: {k: round(v, 3) for k, v in split_ms[p].items()} for p in PATHS},
+        "split_ms": {p: {k: round(v, 3) for k, v in split_ms[p].items()} for p in names},
         "data_loading": {"loader": cfg.data.loader, "num_threads": cfg.data.num_threads,
                          "median_ms_per_batch": None if load_ms is None else round(load_ms, 3),
                          "images_per_s": None if not load_ms else round(a.batch_size / load_ms * 1e3, 1),
                          "rounds": loading},
-        "memory": {"kind": kind, "persistent_mib": {p: mib(persistent[p]) for p in PATHS},
-                   "step_peak_mib": {p: mib(step_peak[p]) for p in PATHS},
-                   "process_max_rss_mib": mib(maxrss)},
-        "checks": {"first_step_terms": first, "first_step_loss_abs_diff": loss_diff,
+        "memory": {"kind": kind, "persistent_mib": {p: mib(persistent[p]) for p in names},
+                   "step_peak_mib": {p: mib(step_peak[p]) for p in names},
+                   "process_max_rss_mib": mib(maxrss),
+                   "cuda_max_allocated_mib": mib(cuda_peak)},
+        "host_syncs": syncs,
+        "checks": {"first_step_terms": paths.first, "first_step_loss_abs_diff": loss_diff,
                    "lr_project_vs_hand": lr_checks,
-                   "lr_matches": all(math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-12) for x, y in lr_checks)},
+                   "lr_matches": all(math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-12)
+                                     for c in lr_checks for x, y in c)},
     }
     write_json(result, a.out)
     shutdown()

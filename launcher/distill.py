@@ -154,7 +154,7 @@ def describe(cfg, run: Run, env, resume_tag: str | None) -> str:
     return (f"run dir {run.dir} | world {env.world_size} ({env.backend}, {env.device.type}) | "
             f"{cfg.run.mode}: {cfg.student.name}" + (f" <- {cfg.teacher.name}" if cfg.run.mode == "distill" else "")
             + f" | stages {[f'{s.name}:{s.epochs}ep' for s in run.stages]} x {run.steps_per_epoch} steps"
-            + f", ZeRO-{cfg.train.zero_stage}, {run.precision}"
+            + f", ZeRO-{cfg.train.resolved_zero_stage()}, {run.precision}"
             + (f", compiled ({cfg.train.compile_backend})" if run.compile else "")
             + (", channels-last" if run.memory_format == torch.channels_last else "")
             + (f" | resuming from {resume_tag}" if resume_tag else ""))

@@ -52,14 +52,17 @@ def resolve_precision(precision: str, cuda: bool) -> str:
 
 
 def deepspeed_config(cfg: Config, world_size: int, total_steps: int, precision: str,
-                     stage: Optional[StageConfig] = None) -> dict:
-    """The DeepSpeed JSON of one stage, derived from `cfg` and the world size (never hand-written)."""
+                     stage: Optional[StageConfig] = None, cuda: bool = False) -> dict:
+    """The DeepSpeed JSON of one stage, derived from `cfg`, the world size and the device (never
+    hand-written). AdamW is torch's (`torch_adam`: no DeepSpeed op to build), with its fused kernel
+    on CUDA (one kernel for the whole update, the step counter kept on the device)."""
     t = cfg.train
     stage = stage or cfg.resolved_stages()[0]
     lr = stage.lr if stage.lr is not None else t.lr
     if t.optimizer == "adamw":
         optimizer = {"type": "AdamW", "params": {"lr": lr, "weight_decay": t.weight_decay,
-                                                 "betas": [0.9, 0.999], "eps": 1e-8, "torch_adam": True}}
+                                                 "betas": [0.9, 0.999], "eps": 1e-8, "torch_adam": True,
+                                                 **({"fused": True} if cuda else {})}}
     else:
         optimizer = {"type": "SGD", "params": {"lr": lr, "weight_decay": t.weight_decay,
                                                "momentum": t.momentum, "nesterov": True}}
@@ -77,7 +80,7 @@ def deepspeed_config(cfg: Config, world_size: int, total_steps: int, precision: 
         # torch.optim.SGD is not on DeepSpeed's list of ZeRO-tested optimizers; it is plain SGD.
         "zero_allow_untested_optimizer": t.optimizer == "sgd",
         "gradient_clipping": t.grad_clip,
-        "zero_optimization": {"stage": t.zero_stage,
+        "zero_optimization": {"stage": t.resolved_zero_stage(),
                               "contiguous_gradients": contiguous},
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "initial_scale_power": 12},

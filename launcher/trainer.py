@@ -74,7 +74,7 @@ class Run:
         memory_format = torch.channels_last if resolve_switch(t.channels_last, cuda) else torch.contiguous_format
         return cls(cfg.run_dir, stages, steps_per_epoch, min(total, t.max_steps) if t.max_steps else total,
                    t.gradient_accumulation_steps, precision, DTYPES[precision], teacher_dtype,
-                   resolve_switch(t.compile, cuda, t.zero_stage), memory_format)
+                   resolve_switch(t.compile, cuda, t.resolved_zero_stage()), memory_format)
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ class Trainer:
         if si > 0:  # each stage starts from the previous stage's student (and adapters)
             self.ckpt.load_stage_export(task, run.stages[si - 1].name)
         ds_config = deepspeed_config(cfg, self.env.world_size, run.steps_per_epoch * stage.epochs,
-                                     run.precision, stage)
+                                     run.precision, stage, cuda=self.env.device.type == "cuda")
         if self.env.is_main:
             (run.dir / f"deepspeed.{stage.name}.json").write_text(json.dumps(ds_config, indent=1))
         engine, _, _, _ = deepspeed.initialize(

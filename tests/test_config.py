@@ -20,7 +20,8 @@ def test_demo_teacher_config_loads_as_supervised_resnet18():
     assert cfg.run.mode == "supervised"
     assert cfg.student.name == "resnet18" and cfg.student.in_chans == 3
     assert cfg.data.image_size == 64 and cfg.data.augment.crop_scale == [0.85, 1.0]
-    assert cfg.train.lr == pytest.approx(2e-3) and cfg.train.zero_stage == 2
+    assert cfg.train.lr == pytest.approx(2e-3) and cfg.train.zero_stage == "auto"
+    assert cfg.train.resolved_zero_stage() == 1
 
 
 def test_demo_distill_config_loads_with_teacher_checkpoint_and_mixed_objective():
@@ -216,6 +217,27 @@ def test_deepspeed_sgd_optimizer_carries_momentum():
     cfg = load_config(DISTILL, ["train.optimizer=sgd", "train.momentum=0.8"])
     opt = deepspeed_config(cfg, world_size=4, total_steps=50, precision="fp32")["optimizer"]
     assert opt["type"] == "SGD" and opt["params"]["momentum"] == 0.8
+
+
+def test_deepspeed_adamw_is_torchs_fused_kernel_on_cuda_only():
+    cfg = load_config(DISTILL)
+    gpu = deepspeed_config(cfg, world_size=1, total_steps=10, precision="bf16", cuda=True)["optimizer"]["params"]
+    cpu = deepspeed_config(cfg, world_size=1, total_steps=10, precision="fp32")["optimizer"]["params"]
+    assert gpu["torch_adam"] and gpu["fused"] is True
+    assert cpu["torch_adam"] and "fused" not in cpu
+
+
+@pytest.mark.parametrize("value, stage", [("auto", 1), ("0", 0), ("1", 1), ("2", 2), ("3", 3)])
+def test_zero_stage_auto_is_stage_1_and_numbers_pass_through(value, stage):
+    cfg = load_config(DISTILL, [f"train.zero_stage={value}"])
+    assert cfg.train.resolved_zero_stage() == stage
+    assert deepspeed_config(cfg, world_size=2, total_steps=10, precision="fp32")["zero_optimization"]["stage"] == stage
+
+
+@pytest.mark.parametrize("value", ["true", "4", "two", "1.0"])
+def test_zero_stage_refuses_anything_else_naming_the_key(value):
+    with pytest.raises(ConfigError, match="train.zero_stage"):
+        load_config(DISTILL, [f"train.zero_stage={value}"])
 
 
 # ------------------------------------------------------------------ values that cannot train
