@@ -13,9 +13,11 @@
 # Grid: batch 128 and 256 at 224 px; resnet18 and densenet121 (the paper's) teachers; eager, and
 # compiled (inductor) with channels-last; bf16. Each point is one bench/distill_step.py run, the
 # project's step against the hand-written loop at the same settings (bf16 autocast, fused AdamW,
-# and in the compiled runs torch.compile and channels-last): JSON per point in OUT_DIR. The
-# eager runs are the eager baseline column. Then a 2-epoch bf16 run of the demo path (synthetic
-# ChestX-ray14 -> shards -> distill.py with the torch loader) with its log and metrics.json.
+# and in the compiled runs torch.compile and channels-last, with the eager hand loop as a second
+# baseline): JSON per point in OUT_DIR. The first two points also audit the host syncs of every
+# path, and the eager one puts ZeRO 0, 1 and 2 side by side. Then a 2-epoch bf16 run of the demo
+# path (synthetic ChestX-ray14 -> shards -> distill.py with the torch loader) with its log and
+# metrics.json, and that path's steady-state step under `python -m launcher.host_syncs`.
 #
 # Everything runs inside a budget (GPU_CHECK_BUDGET_S, default 480 s): a point that would start
 # after it is skipped and listed as such in OUT_DIR/summary.json, which is always written.
@@ -39,13 +41,13 @@ fi
 "$PY" -c "import torch, timm, deepspeed" || { echo "error: torch, timm and deepspeed must import (see the header)" >&2; exit 2; }
 
 if [ "$SMALL" = "--small" ]; then  # a CPU: tiny sizes, TorchDynamo's capture without code generation
-    BATCHES="4"; PIXELS=48; TEACHERS="resnet18"; BACKEND=aot_eager
+    BIG=4; SMALLB=""; PIXELS=48; BACKEND=aot_eager
     STEP_ARGS=(--steps 2 --rounds 1 --split-rounds 1 --warmup 1 --threads 2)
-    DEMO_N=60; DEMO_SET=(--set train.max_steps=4 --set train.batch_size_per_gpu=4)
+    DEMO_N=60; DEMO_SET=(--set train.max_steps=4 --set train.batch_size_per_gpu=4); AUDIT_STEPS=4
 elif [ -z "$SMALL" ]; then
-    BATCHES="128 256"; PIXELS=224; TEACHERS="resnet18 densenet121"; BACKEND=inductor
+    BIG=256; SMALLB=128; PIXELS=224; BACKEND=inductor
     STEP_ARGS=(--steps 10 --rounds 5 --split-rounds 1 --warmup 3 --threads 8)
-    DEMO_N=3000; DEMO_SET=()
+    DEMO_N=3000; DEMO_SET=(); AUDIT_STEPS=20
 else
     echo "error: the second argument can only be --small, got $SMALL" >&2; exit 2
 fi
@@ -67,18 +69,21 @@ run_point() {  # NAME TIMEOUT_S COMMAND...: run it if the budget allows, record 
     points+=("{\"name\": \"$name\", \"rc\": $rc, \"seconds\": $((SECONDS - t0))}")
 }
 
-for teacher in $TEACHERS; do
-    for batch in $BATCHES; do
-        for mode in eager compiled; do
-            extra=()
-            [ "$mode" = compiled ] && extra=(--compile --compile-backend "$BACKEND" --channels-last)
-            name="step_${teacher}_b${batch}_px${PIXELS}_${mode}"
-            run_point "$name" 150 "$PY" bench/distill_step.py --shards none --teacher "$teacher" \
-                --batch-size "$batch" --image-size "$PIXELS" --precision bf16 "${STEP_ARGS[@]}" \
-                "${extra[@]}" --out "$OUT/$name.json"
-        done
-    done
-done
+step_point() {  # TEACHER BATCH MODE [EXTRA ARGS...]: one bench/distill_step.py run, bf16
+    local teacher=$1 batch=$2 mode=$3; shift 3
+    local extra=("$@")
+    [ "$mode" = compiled ] && extra+=(--compile --compile-backend "$BACKEND" --channels-last)
+    local name="step_${teacher}_b${batch}_px${PIXELS}_${mode}"
+    run_point "$name" 150 "$PY" bench/distill_step.py --shards none --teacher "$teacher" \
+        --batch-size "$batch" --image-size "$PIXELS" --precision bf16 "${STEP_ARGS[@]}" \
+        "${extra[@]}" --out "$OUT/$name.json"
+}
+
+# Most important first, so that a budget cut leaves the rest: the issue's target point (resnet18
+# teacher, 224 px, compiled: project vs the compiled and the eager hand loop), the same eager with
+# ZeRO 0, 1, 2 side by side, both with the host-sync audit (launcher/host_syncs.py).
+step_point resnet18 "$BIG" compiled --sync-audit 3
+step_point resnet18 "$BIG" eager --zero-stages 0,1,2 --sync-audit 3
 
 # The demo path, 2 epochs in bf16 with the torch loader (a random-init teacher: this times the
 # path, it does not distil anything worth keeping).
@@ -95,6 +100,24 @@ run_point demo_distill_bf16 240 "$PY" launcher/distill.py --config launcher/conf
     --set run.name=demo --set train.epochs=2 --set data.loader=torch --set train.precision=bf16 \
     --set teacher.dtype=bf16 "${DEMO_SET[@]}"
 [ -f "$WORK/runs/demo/metrics.json" ] && cp "$WORK/runs/demo/metrics.json" "$OUT/demo_metrics.json"
+
+# The demo run's own steady-state step under the audit (eager: the operator detector does not see
+# inside compiled graphs; CUDA's sync debug mode sees every synchronising call).
+run_point host_syncs_run 120 "$PY" -m launcher.host_syncs --out "$OUT/host_syncs_run.json" -- \
+    --config launcher/configs/demo_distill.yaml --set "data.shards=$WORK/shards" \
+    --set "teacher.checkpoint=$WORK/teacher.pt" --set "run.out_dir=$WORK/audit" --set run.name=audit \
+    --set data.loader=torch --set train.compile=off "${DEMO_SET[@]}" --set "train.max_steps=$AUDIT_STEPS" \
+    --set train.log_every=1000
+
+# The rest of the grid, as the budget allows (not in --small).
+if [ -n "$SMALLB" ]; then
+    step_point densenet121 "$BIG" compiled
+    step_point densenet121 "$BIG" eager
+    step_point resnet18 "$SMALLB" compiled
+    step_point resnet18 "$SMALLB" eager
+    step_point densenet121 "$SMALLB" compiled
+    step_point densenet121 "$SMALLB" eager
+fi
 
 "$PY" - "$OUT" "$SECONDS" "$BUDGET" "${points[@]}" <<'EOF'
 import json, sys

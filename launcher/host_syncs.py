@@ -201,7 +201,8 @@ class HostSyncAudit:
 STEP = "launcher/trainer.py:run_epoch"
 NOT_STEADY = ("launcher/trainer.py:_log", "launcher/trainer.py:_check_finite", "launcher/trainer.py:_compile_done",
               "launcher/trainer.py:_check_recompiles", "launcher/engine.py:log_grad_shares",
-              "launcher/checkpoints.py:save", "launcher/trainer.py:validate", "launcher/trainer.py:average_batchnorm_stats")
+              "launcher/checkpoints.py:save", "launcher/trainer.py:validate", "launcher/trainer.py:average_batchnorm_stats",
+              "launcher/read_faults.py:__iter__")  # the last: the loader's iteration, its host side
 HOST_SIDE = {"launcher/preemption.py:agreed":
              "the stop flag: a CPU tensor all-reduced over a gloo group, no device involved"}
 """Project sites that read a tensor the code keeps on the CPU by design: no host-device sync."""

@@ -23,14 +23,21 @@ def test_the_gpu_check_script_runs_every_step_shrunk_on_a_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     names = [p["name"] for p in summary["points"]]
-    assert names == ["step_resnet18_b4_px48_eager", "step_resnet18_b4_px48_compiled", "demo_data",
-                     "demo_distill_bf16"]
+    assert names == ["step_resnet18_b4_px48_compiled", "step_resnet18_b4_px48_eager", "demo_data",
+                     "demo_distill_bf16", "host_syncs_run"]
     assert summary["failed"] == [] and summary["skipped"] == []
     for mode, compiled in (("eager", False), ("compiled", "aot_eager")):
         point = json.loads((out / f"step_resnet18_b4_px48_{mode}.json").read_text())
         assert point["config"]["precision"] == "bf16" and point["config"]["compile"] == compiled
         assert point["config"]["channels_last"] == bool(compiled)
         assert all(s["median_samples_per_s"] > 0 for s in point["summary"].values())
+        assert point["config"]["sync_audit_steps"] == 3 and set(point["host_syncs"]) == set(point["summary"])
+    compiled_point = json.loads((out / "step_resnet18_b4_px48_compiled.json").read_text())
+    assert set(compiled_point["summary"]) == {"project", "hand", "hand_eager"}  # both baselines
+    eager_point = json.loads((out / "step_resnet18_b4_px48_eager.json").read_text())
+    assert set(eager_point["summary"]) == {"project_z0", "project_z1", "project_z2", "hand"}
+    audit = json.loads((out / "host_syncs_run.json").read_text())
+    assert audit["rc"] == 0 and audit["train_steps"] == 4 and audit["project_in_step"] == []
     assert "student" in json.loads((out / "demo_metrics.json").read_text())["splits"]["test"]["models"]
     assert "compiled" in (out / "step_resnet18_b4_px48_compiled.log").read_text()
 

@@ -56,6 +56,7 @@ def test_the_steady_state_filter_keeps_the_step_and_drops_logging_checkpoints_an
     assert not in_steady_step(sync("launcher/trainer.py:run_epoch", "launcher/trainer.py:_after_step",
                                    "launcher/checkpoints.py:save"))
     assert not in_steady_step(sync("launcher/trainer.py:run_epoch", "data_pipeline/dali_loader.py:__next__"))
+    assert not in_steady_step(sync("launcher/trainer.py:run_epoch", "launcher/read_faults.py:__iter__"))
     assert not in_steady_step(sync("launcher/trainer.py:validate"))
     assert host_side({"site": "launcher/preemption.py:69 in agreed"})
     assert not host_side({"site": "launcher/engine.py:47 in train_step"})
