@@ -201,7 +201,8 @@ class TrainConfig:
     the fastest of 0, 1, 2 on an H200 and level with the best on CPU; stage 2's per-parameter
     gradient hooks cost time, and stage 0 in bf16 checks each gradient tensor for overflow with a
     host sync of its own. Stages 2 and 3 partition gradients and weights, which only pays for a
-    student far larger than RMS-Net. A run resumes with the stage it was started with."""
+    student far larger than RMS-Net. A run started under ZeRO-2 (the default before auto) resumes
+    under ZeRO-1: both keep one flat optimizer state."""
     contiguous_gradients: Literal["auto", "on", "off"] = "auto"
     """ZeRO's contiguous gradient buffer. auto = off in a world of one process (the per-parameter
     copy into the bucket costs ~3 % of a step there and saves nothing; bench/README.md), DeepSpeed's
