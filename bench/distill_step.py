@@ -4,6 +4,7 @@
     python bench/distill_step.py --steps 20 --rounds 21 --threads 1
     python bench/distill_step.py --steps 2 --rounds 1 --batch-size 4 --image-size 48   # smoke
     python bench/distill_step.py --compile --out bench/results/distill_step_compiled.json
+    python bench/distill_step.py --zero-stages 0,1,2 --sync-audit 3      # stages side by side, host syncs
 
 Both paths train the same models (an `rmsnet_xxs` student against a `resnet18` teacher loaded from
 a random-init checkpoint written here) on the same pre-loaded batches with the same objective
@@ -11,17 +12,19 @@ a random-init checkpoint written here) on the same pre-loaded batches with the s
 process, with the same number of torch threads:
 
 * project: config -> `DistillTask` (launcher.trainer.build_task) -> `deepspeed.initialize` with the
-  generated DeepSpeed JSON (ZeRO-2, fp32, AdamW, WarmupCosineLR, gradient clipping; one process
+  generated DeepSpeed JSON (the config's ZeRO stage, auto = 1, or one project path per stage of
+  --zero-stages; fp32 or bf16, AdamW, WarmupCosineLR, gradient clipping; one process
   through `launcher.dist.init_distributed`) -> teacher in `deepspeed.init_inference`
   (launcher.distill.build_teacher) -> `launcher.engine.train_step`, as `Trainer.run_epoch` calls it.
-* hand-written: the frozen teacher under no_grad, the student forward, the rmsnet.losses functions
+* hand-written: the frozen teacher under inference_mode, the student forward, the rmsnet.losses functions
   summed with the same weights, backward, `clip_grad_norm_`, `torch.optim.AdamW` with the same
-  learning rate at every step (DeepSpeed's WarmupCosineLR, recomputed here), `zero_grad`.
+  learning rate at every step (DeepSpeed's WarmupCosineLR, recomputed here), `zero_grad`. With
+  --compile it is compiled, and the same loop uncompiled (`hand_eager`) is a second baseline.
 
 Data loading is excluded from the ratio (both paths cycle through the same `--batches` batches,
 read once with the project's loader) and timed on its own: the DALI (CPU-only mode) training
 loader, a fresh one each round. After warm-up, `--rounds` rounds of `--steps` steps run each path in
-turn (the first path alternating); `--split-rounds` rounds with per-phase timers are spread among
+turn (which path goes first rotates); `--split-rounds` rounds with per-phase timers are spread among
 them (kept apart so their device syncs on a GPU cannot touch the throughput figure). Figures are
 medians (docs/design.md, "Benchmarks").
 
