@@ -29,8 +29,7 @@ def warmup_cosine_lr(k: int, base_lr: float, p: dict) -> float:
 
 
 class HandLoop:
-    """Plain PyTorch: the same computation as DistillTask + DeepSpeed, without either (the teacher
-    under inference mode, as launcher.engine.teacher_forward runs it)."""
+    """Plain PyTorch: the same computation as DistillTask + DeepSpeed, without either."""
 
     def __init__(self, teacher, student, loss_cfg, multilabel: bool, ds_config: dict, bf16: bool = False):
         self.teacher, self.student, self.c, self.multilabel = teacher, student, loss_cfg, multilabel
@@ -52,7 +51,7 @@ class HandLoop:
         x, y = batch["image"], batch["label"]  # (b, 1, s, s), (b, C)
         c, sync = self.c, (torch.cuda.synchronize if (timings is not None and x.is_cuda) else (lambda: None))
         t0 = time.perf_counter()
-        with torch.inference_mode(), self.autocast:
+        with torch.no_grad(), self.autocast:
             t_logits, t_feats = self.teacher(x)  # (b, C), [(b, c_i, h_i, w_i)]
         sync()
         t1 = time.perf_counter()

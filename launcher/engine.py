@@ -11,12 +11,10 @@ from rmsnet.objective import term_gradient_norms
 
 
 def teacher_forward(teacher, images: torch.Tensor, dtype: torch.dtype, with_features: bool):
-    """Frozen teacher, under inference mode (DeepSpeed's inference engine calls neither eval() nor
-    no_grad()): no autograd record, no version counters. The outputs are inference tensors; the
-    objective only computes from them (a saved-for-backward inference tensor would be an error)."""
+    """Frozen teacher, under no_grad (DeepSpeed's inference engine calls neither eval() nor no_grad())."""
     if teacher is None:
         return None, None
-    with torch.inference_mode():
+    with torch.no_grad():
         logits, feats = teacher(images.to(dtype))
     if not with_features:
         feats = None
