@@ -16,7 +16,7 @@ process, with the same number of torch threads:
   --zero-stages; fp32 or bf16, AdamW, WarmupCosineLR, gradient clipping; one process
   through `launcher.dist.init_distributed`) -> teacher in `deepspeed.init_inference`
   (launcher.distill.build_teacher) -> `launcher.engine.train_step`, as `Trainer.run_epoch` calls it.
-* hand-written: the frozen teacher under inference_mode, the student forward, the rmsnet.losses functions
+* hand-written: the frozen teacher under no_grad, the student forward, the rmsnet.losses functions
   summed with the same weights, backward, `clip_grad_norm_`, `torch.optim.AdamW` with the same
   learning rate at every step (DeepSpeed's WarmupCosineLR, recomputed here), `zero_grad`. With
   --compile it is compiled, and the same loop uncompiled (`hand_eager`) is a second baseline.

@@ -11,7 +11,11 @@ from rmsnet.objective import term_gradient_norms
 
 
 def teacher_forward(teacher, images: torch.Tensor, dtype: torch.dtype, with_features: bool):
-    """Frozen teacher, under no_grad (DeepSpeed's inference engine calls neither eval() nor no_grad())."""
+    """Frozen teacher, under no_grad (DeepSpeed's inference engine calls neither eval() nor no_grad()).
+
+    Not inference_mode: its outputs would be inference tensors, and the compiled objective's
+    joint graph (inductor) saves its inputs for the backward, which inference tensors refuse
+    ("Inference tensors cannot be saved for backward"); cloning them would cost what it saves."""
     if teacher is None:
         return None, None
     with torch.no_grad():
