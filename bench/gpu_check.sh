@@ -7,7 +7,8 @@
 # The machine's Python is expected to have torch, torchvision, timm, numpy and pillow, and nothing
 # else of the project's: deepspeed and the other pure-Python wheels it lacks are installed from
 # `.whl/` in the repository root when that folder exists (built beforehand where there is a
-# registry: `pip download --no-deps -d .whl deepspeed ...`). The project itself runs from this
+# registry: `python bench/gpu_wheels.py --python X.Y --have ...`), into a folder of their own put
+# first on PYTHONPATH, so the machine's Python is left as it was. The project itself runs from this
 # checkout (PYTHONPATH), uninstalled.
 #
 # Grid: batch 128 and 256 at 224 px; resnet18 and densenet121 (the paper's) teachers; eager, and
@@ -36,7 +37,9 @@ cd "$REPO"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
 if compgen -G ".whl/*.whl" > /dev/null; then  # what the machine lacks, carried in
-    "$PY" -m pip install --no-index --no-deps --quiet .whl/*.whl || { echo "error: installing .whl/ failed" >&2; exit 2; }
+    "$PY" -m pip install --no-index --no-deps --no-compile --no-cache-dir --quiet --target "$WORK/site" .whl/*.whl \
+        || { echo "error: installing .whl/ failed" >&2; exit 2; }
+    export PYTHONPATH="$WORK/site:$PYTHONPATH"
 fi
 "$PY" -c "import torch, timm, deepspeed" || { echo "error: torch, timm and deepspeed must import (see the header)" >&2; exit 2; }
 

@@ -46,3 +46,19 @@ def test_the_gpu_check_script_refuses_an_unknown_second_argument(tmp_path):
     proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), str(tmp_path), "--tiny"], cwd=REPO,
                           env=dict(os.environ, PYTHON=sys.executable), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "error: the second argument can only be --small, got --tiny" in proc.stderr
+
+
+def test_gpu_wheels_lists_what_the_gpu_machine_lacks_and_leaves_out_what_it_has():
+    from importlib import util
+
+    spec = util.spec_from_file_location("gpu_wheels", REPO / "bench" / "gpu_wheels.py")
+    gpu_wheels = util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_wheels)
+    what = gpu_wheels.plan()
+    assert {"deepspeed", "hjson", "pydantic", "tensorboard"} <= what["carry"].keys()  # DeepSpeed's needs too
+    assert not {"torch", "torchvision", "timm", "numpy", "pillow", "triton"} & what["carry"].keys()
+    assert "nvidia-dali-cuda130" not in what["carry"] and "torch" in what["on_device"]
+    assert "tensorboard" not in gpu_wheels.plan(have=["tensorboard"])["carry"]
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_wheels.py"), "--list"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("carry (") and "deepspeed==" in proc.stdout
