@@ -278,6 +278,9 @@ def test_local_slurm_script_never_touches_a_slurm_it_did_not_configure(nodes, ac
     assert proc.returncode == 3, proc.stderr
     assert "was not written by this script" in proc.stderr
     assert (tmp_path / "slurm.conf").read_text().startswith("ClusterName=production")
+    deadline = time.monotonic() + 30  # a node still completing the previous test's job is not counted
+    while _slurm_nodes() != nodes and time.monotonic() < deadline:
+        time.sleep(1)
     assert _slurm_nodes() == nodes, "the running SLURM was left alone"
 
 
