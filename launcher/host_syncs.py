@@ -258,7 +258,7 @@ def audit_run(argv) -> dict:
     rows = audit.summary(steps, keep=in_steady_step)
     return {"rc": rc, "train_steps": calls[0], "in_step": rows,
             "project_in_step": [r for r in rows if r["owner"] == "project" and not host_side(r)],
-            "elsewhere_total": sum(audit.counts.values()) - round(sum(r["per_step"] for r in rows) * steps)}
+            "elsewhere_total": sum(n for s, n in audit.counts.items() if not in_steady_step(s))}
 
 
 def main(argv=None) -> int:
